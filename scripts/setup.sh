@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv with training_hub and its CPU training stack, as it must be installed on this machine
+# kind (see README "Installing"): torch pinned to the local CPU build, Unsloth 2026.10.9 (the only
+# release that trains on a CPU) installed with --no-deps because the registry's certifi lags behind
+# what it declares, no torchvision/triton/xformers. Safe to run twice: it does nothing when the venv
+# is complete.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${TRAINING_HUB_VENV:-.venv}
+stamp="$venv/.training_hub_setup_v1"
+if [ -f "$stamp" ]; then exit 0; fi
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -c scripts/constraints-cpu.txt -e ".[unsloth-deps,dev,tensorboard]"
+"$venv/bin/python" -m pip install -q --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9 cut_cross_entropy==25.1.1
+"$venv/bin/python" - <<'PY'
+import importlib.util, sys
+bad = [m for m in ("torchvision", "triton") if importlib.util.find_spec(m)]
+if bad:
+    sys.exit(f"setup: {bad} got installed; they break Unsloth on a CPU-only torch. Remove them.")
+PY
+touch "$stamp"

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny tokenizers with real chat templates and tiny Qwen2/Llama models on disk.
+
+Everything is built offline in about a second and cached for the whole session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training_hub.tiny import build_tokenizer, save_tiny_model
+
+# A learnable pattern: the answer repeats the name in a fixed sentence, so a tiny model's loss falls fast.
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Oscar"]
+
+
+def greeting_conversations(n: int = 48) -> list[dict]:
+    rows = []
+    for i in range(n):
+        name = NAMES[i % len(NAMES)]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Greet {name}."},
+                    {"role": "assistant", "content": f"Hello, {name}! Nice to meet you."},
+                ]
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_factory():
+    """Return a function template_name -> tokenizer (cached per template)."""
+    cache: dict = {}
+
+    def make(template: str | None = "chatml"):
+        if template not in cache:
+            cache[template] = build_tokenizer(template=template, corpus=[" ".join(NAMES)])
+        return cache[template]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Return a function (architecture, template) -> path of a saved tiny model (cached)."""
+    cache: dict = {}
+
+    def make(architecture: str = "qwen2", template: str | None = "chatml") -> Path:
+        key = (architecture, template)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{architecture}-{template}")
+            cache[key] = save_tiny_model(out, architecture=architecture, template=template, corpus=[" ".join(NAMES)])
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def greeting_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "greetings.jsonl", greeting_conversations())

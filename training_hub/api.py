@@ -1,0 +1,350 @@
+"""The public entry points: lora_sft, prepare_dataset, load.
+
+`lora_sft` reads top to bottom as the recipe: validate -> read data -> pick backend and plan ->
+tokenize -> load model + LoRA -> train -> save. Nothing is written and no model is loaded until the
+config and every data row have been validated.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from . import config as cfg
+from .config import LoraSFTConfig
+from .result import TrainingResult
+
+
+def _suggest_unknown_keywords(func):
+    """Turn Python's bare 'unexpected keyword' TypeError into one that names the closest valid parameter."""
+    valid = list(inspect.signature(func).parameters)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        cfg.check_parameter_names(func.__name__, kwargs, valid)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def log(message: str) -> None:
+    from .hardware import is_main_process
+
+    if is_main_process():
+        print(f"training_hub: {message}", file=sys.stderr, flush=True)
+
+
+@_suggest_unknown_keywords
+def lora_sft(
+    model_path: str,
+    data_path: Any,
+    ckpt_output_dir: str,
+    *,
+    backend: cfg.Backend = "auto",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    init_lora_weights: cfg.InitLoraWeights = True,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
+    loftq_config: dict[str, Any] | None = None,
+    lora_adapter: str | None = None,
+    dataset_type: cfg.DatasetType = "auto",
+    field_messages: str = "messages",
+    field_instruction: str = "instruction",
+    field_input: str = "input",
+    field_output: str = "output",
+    train_on_inputs: bool = False,
+    truncation: cfg.Truncation = "truncate",
+    max_seq_len: int = 2048,
+    sample_packing: bool | None = None,
+    data_output_dir: str | None = None,
+    eval_data_path: Any = None,
+    eval_steps: int | None = None,
+    num_epochs: int = 3,
+    max_steps: int | None = None,
+    effective_batch_size: int | None = None,
+    micro_batch_size: int | Literal["auto"] | None = None,
+    gradient_accumulation_steps: int | None = None,
+    learning_rate: float = 2e-4,
+    lr_scheduler: cfg.LrScheduler = "linear",
+    warmup_steps: int = 10,
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 0.3,
+    optim: cfg.Optimizer | None = None,
+    gradient_checkpointing: cfg.GradientCheckpointing = "auto",
+    seed: int = 42,
+    bf16: bool | None = None,
+    fp16: bool | None = None,
+    tf32: bool | None = None,
+    flash_attention: bool | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4",
+    bnb_4bit_compute_dtype: cfg.ComputeDtype | None = None,
+    bnb_4bit_use_double_quant: bool = True,
+    max_tokens_per_gpu: int | None = None,
+    save_steps: int = 500,
+    save_total_limit: int | None = 3,
+    logging_steps: int = 1,
+    overwrite_output_dir: bool = False,
+    resume_from_checkpoint: bool | Literal["auto"] | str | None = None,
+    save_merged: bool = False,
+    save_samples: int | None = None,
+    checkpoint_at_epoch: bool | None = None,
+    accelerate_full_state_at_epoch: bool | None = None,
+    wandb_project: str | None = None,
+    wandb_entity: str | None = None,
+    wandb_run_name: str | None = None,
+    tensorboard_log_dir: str | None = None,
+    mlflow_tracking_uri: str | None = None,
+    mlflow_experiment_name: str | None = None,
+    mlflow_run_name: str | None = None,
+    nproc_per_node: int | Literal["auto", "gpu"] | None = None,
+    nnodes: int | None = None,
+    node_rank: int | None = None,
+    rdzv_id: int | str | None = None,
+    rdzv_endpoint: str | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    enable_model_splitting: bool = False,
+    trust_remote_code: bool = False,
+    callbacks: list[Any] | None = None,
+    dry_run: bool = False,
+) -> TrainingResult:
+    """Fine-tune `model_path` with LoRA (or QLoRA) on `data_path`, writing a PEFT adapter to `ckpt_output_dir`.
+
+    Every parameter, its type, default and valid values are listed in docs/parameters.md; the most used:
+
+    Args:
+        model_path (str): local folder or hub id of a causal LM.
+        data_path: .jsonl/.json/.parquet/.csv file, folder of such files, list of dicts or datasets.Dataset,
+            in messages, alpaca, sharegpt, prompt/completion, text or pre-tokenized form (detected).
+        ckpt_output_dir (str): where the adapter, tokenizer, run_config.json and training_metrics.jsonl go.
+            Must not hold an earlier run unless overwrite_output_dir=True.
+        backend ("auto" | "unsloth" | "peft", default "auto"): Unsloth's fused kernels when importable,
+            else plain transformers + PEFT (with a notice).
+        lora_r (int, 16), lora_alpha (int, 32), lora_dropout (float, 0.0), target_modules (list | None: all
+            linear projections of the decoder blocks), use_rslora, use_dora, init_lora_weights, rank_pattern,
+            alpha_pattern: the LoRA adapter.
+        num_epochs (int, 3), max_steps (int | None), learning_rate (float, 2e-4), lr_scheduler ("linear"),
+            warmup_steps (10), weight_decay (0.01), max_grad_norm (0.3), optim (None: adamw_8bit on a GPU,
+            adamw_torch_fused on the CPU), seed (42).
+        effective_batch_size (int | None), micro_batch_size (int | "auto" | None),
+            gradient_accumulation_steps (int | None): give any two (or one); the rest is derived
+            (x world size). Nothing given: micro 2, accumulation 1.
+        max_seq_len (int, 2048), truncation ("truncate" | "drop" | "error"), train_on_inputs (False: loss on
+            assistant tokens only), sample_packing (None: on with a GPU, off on the CPU).
+        load_in_4bit / load_in_8bit (False), bnb_4bit_*: QLoRA. bf16 / fp16 / tf32 (None: bf16 on GPUs that
+            have it, fp32 on the CPU). gradient_checkpointing ("auto" | True | False | "offload").
+        save_steps (500), save_total_limit (3), logging_steps (1), callbacks (TrainerCallbacks).
+        dry_run (bool, False): validate, read and tokenize the data and print the plan; load no model.
+
+    Returns:
+        TrainingResult with model, tokenizer, trainer, paths, final metrics, plan and data summary.
+
+    Raises:
+        TypeError: an unknown parameter name (the closest valid one is suggested).
+        ValueError (ConfigError / DataError): a bad value or bad data, naming the parameter or file:line.
+    """
+    config = LoraSFTConfig(**{name: value for name, value in locals().items()})
+    return run(config)
+
+
+def run(config: LoraSFTConfig) -> TrainingResult:
+    """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
+    from . import data
+    from .models.unsloth import import_unsloth
+
+    problems = cfg.output_dir_problems(config.ckpt_output_dir, config.overwrite_output_dir)
+    if problems:
+        raise cfg.ConfigError(problems)
+    loaded = data.load_examples(config.data_path, **_data_fields(config))
+    log(f"data: {len(loaded)} rows, format {loaded.format} ({loaded.source})")
+    backend = _resolve_backend(config.backend, import_unsloth)
+    plan, tokenized, tokenizer = _plan_and_tokenize(config, loaded, backend)
+    if config.dry_run:
+        return _dry_run_result(config, plan, tokenized)
+    return _train(config, plan, tokenized)
+
+
+def _data_fields(config: LoraSFTConfig) -> dict[str, Any]:
+    return dict(dataset_type=config.dataset_type, field_messages=config.field_messages,
+                field_instruction=config.field_instruction, field_input=config.field_input,
+                field_output=config.field_output)
+
+
+def _resolve_backend(requested: str, import_unsloth) -> str:
+    if requested == "peft":
+        return "peft"
+    reason = import_unsloth()
+    if reason is None:
+        return "unsloth"
+    if requested == "unsloth":
+        from .models.unsloth import INSTALL_HINT
+
+        raise ImportError(f"backend='unsloth' but Unsloth could not be imported ({reason}). {INSTALL_HINT}")
+    log(f"Unsloth is not available ({reason}); training with plain transformers + PEFT")
+    return "peft"
+
+
+def _plan_and_tokenize(config: LoraSFTConfig, loaded, backend: str):
+    """Load the tokenizer, make the plan (errors before tokenizing), tokenize, refine the plan to the data."""
+    from transformers import AutoConfig
+
+    from . import data, hardware
+    from .plan import ModelShape, make_plan
+
+    hw = hardware.detect()
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code))
+    make_plan(config, hw, backend, shape, config.max_seq_len, hardware.world_size())  # fail fast on impossible settings
+    tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
+    tokenized = data.tokenize_examples(
+        loaded, tokenizer, max_seq_len=config.max_seq_len, train_on_inputs=config.train_on_inputs,
+        truncation=config.truncation, cache_dir=config.data_output_dir)
+    log(f"data summary:\n{tokenized.summary}")
+    seq_len = config.max_seq_len if (config.sample_packing or hw.is_gpu) else max(1, tokenized.summary.tokens_max)
+    plan = make_plan(config, hw, backend, shape, seq_len, hardware.world_size())
+    log(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
+    return plan, tokenized, tokenizer
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token: the EOS token when it has none (padding is never trained on,
+    and the embeddings are never resized behind the user's back)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"The tokenizer of {model_path} has neither a pad nor an EOS token; add one to it "
+                             "(tokenizer.add_special_tokens) and save it before training")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
+    from dataclasses import asdict
+
+    out = Path(config.ckpt_output_dir)
+    log("dry run: nothing trained, nothing written")
+    return TrainingResult(output_dir=out, adapter_path=out, metrics_path=out / "training_metrics.jsonl",
+                          config_path=out / "run_config.json", plan=asdict(plan), data_summary=tokenized.summary.to_dict())
+
+
+def _train(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
+    from dataclasses import asdict
+
+    from . import manifest, training
+    from .models import load_model
+
+    out = Path(config.ckpt_output_dir)
+    if config.overwrite_output_dir and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded_model = load_model(config, plan)
+    log(loaded_model.describe())
+    metrics_path = out / training.METRICS_FILE
+    config_path = manifest.write(out, config, plan, tokenized.summary, loaded_model)
+    callbacks = [training.metrics_callback(metrics_path), *(config.callbacks or [])]
+    trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, config, plan, out, callbacks)
+    output = trainer.train()
+    metrics = _final_metrics(output.metrics, trainer.state, plan)
+    _save_adapter(trainer, loaded_model.tokenizer, out)
+    manifest.write(out, config, plan, tokenized.summary, loaded_model, metrics=metrics)
+    log(f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
+        f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s; adapter in {out}")
+    return TrainingResult(output_dir=out, adapter_path=out, metrics_path=metrics_path, config_path=config_path,
+                          metrics=metrics, plan=asdict(plan), data_summary=tokenized.summary.to_dict(),
+                          model=loaded_model.model, tokenizer=loaded_model.tokenizer, trainer=trainer)
+
+
+def _final_metrics(train_metrics: dict[str, Any], state, plan) -> dict[str, Any]:
+    metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in train_metrics.items()}
+    runtime = metrics.get("train_runtime") or 0.0
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    metrics.update(global_step=state.global_step, num_tokens=tokens,
+                   tokens_per_second=tokens / runtime if runtime else 0.0)
+    if plan.device == "cuda":
+        import torch
+
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics
+
+
+def _save_adapter(trainer, tokenizer, out: Path) -> None:
+    """Write the final adapter + tokenizer to a temporary folder, then move the files in (rank 0 only)."""
+    from .hardware import is_main_process
+
+    if not is_main_process():
+        return
+    tmp = out / ".final-adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+
+
+def prepare_dataset(
+    data_path: Any,
+    *,
+    model_path: str | None = None,
+    tokenizer: Any = None,
+    max_seq_len: int = 2048,
+    dataset_type: cfg.DatasetType = "auto",
+    train_on_inputs: bool = False,
+    truncation: cfg.Truncation = "truncate",
+    field_messages: str = "messages",
+    field_instruction: str = "instruction",
+    field_input: str = "input",
+    field_output: str = "output",
+    data_output_dir: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Validate, normalize and tokenize a dataset exactly as `lora_sft` would, without loading a model.
+
+    Give `model_path` (its tokenizer is loaded) or a `tokenizer`. Returns a `TokenizedData` whose
+    `.dataset` has one row per example (`input_ids`, `labels` with -100 where no loss is taken) and whose
+    `.summary` counts rows, tokens and truncation; `training_hub.data.format_example(ids, labels, tokenizer)`
+    prints an example with the trained spans marked.
+    """
+    from . import data
+
+    if (model_path is None) == (tokenizer is None):
+        raise ValueError("prepare_dataset needs exactly one of model_path= or tokenizer=")
+    loaded = data.load_examples(data_path, dataset_type=dataset_type, field_messages=field_messages,
+                                field_instruction=field_instruction, field_input=field_input, field_output=field_output)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_path, trust_remote_code)
+    return data.tokenize_examples(loaded, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
+                                  truncation=truncation, cache_dir=data_output_dir)
+
+
+def load(ckpt_output_dir: str | Path, device: str | None = None):
+    """Load a trained adapter with its base model for generation. Returns (model, tokenizer).
+
+    The base model is the one named in the adapter's `adapter_config.json`.
+    """
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    path = Path(ckpt_output_dir)
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json); point to a lora_sft output folder")
+    model = AutoPeftModelForCausalLM.from_pretrained(str(path))
+    if device is not None:
+        model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,50 @@
+"""run_config.json: the output folder describes itself (config, plan, data, versions, hardware, metrics)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .hardware import is_main_process
+
+MANIFEST_FILE = "run_config.json"
+PACKAGES = ("training-hub", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth",
+            "unsloth_zoo", "bitsandbytes")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write(out: Path, config, plan, summary, loaded_model, metrics: dict[str, Any] | None = None) -> Path:
+    """Write (or rewrite) the manifest atomically; rank 0 only."""
+    path = out / MANIFEST_FILE
+    if not is_main_process():
+        return path
+    manifest = {
+        "config": config.to_dict(),
+        "plan": asdict(plan),
+        "data": summary.to_dict(),
+        "model": {"target_modules": loaded_model.target_modules,
+                  "trainable_parameters": loaded_model.trainable_parameters,
+                  "total_parameters": loaded_model.total_parameters},
+        "versions": package_versions(),
+        "hardware": {"platform": platform.platform(), "python": platform.python_version(), "device": plan.device,
+                     "cpu_count": os.cpu_count()},
+        "metrics": metrics,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, path)
+    return path

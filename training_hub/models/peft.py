@@ -1,0 +1,36 @@
+"""The plain transformers + PEFT backend (the baseline, and the fallback when Unsloth is unavailable)."""
+
+from __future__ import annotations
+
+from ..config import LoraSFTConfig
+from ..plan import RunPlan
+from .common import LoadedModel, check_quantized, count_parameters, device_map, lora_kwargs, quantization_config, torch_dtype
+from .targets import check_targets_exist, linear_projection_names
+
+
+def load_peft_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quant = quantization_config(config, plan.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.model_path,
+        dtype=torch_dtype(plan.dtype),
+        attn_implementation=plan.attn_implementation,
+        quantization_config=quant,
+        device_map=device_map(plan),
+        trust_remote_code=config.trust_remote_code,
+    )
+    check_quantized(model, config)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan.gradient_checkpointing != "off",
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = list(config.target_modules) if config.target_modules else linear_projection_names(model)
+    check_targets_exist(model, targets)
+    torch.manual_seed(config.seed)  # LoRA A matrices are drawn from the global generator
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, **lora_kwargs(config)))
+    trainable, total = count_parameters(model)
+    return LoadedModel(model, tokenizer, targets, trainable, total)

@@ -1,0 +1,227 @@
+"""Hardware-dependent choices: batch math, precision, packing, optimizer, checkpointing, attention.
+
+Everything here is a pure function of the validated config, the hardware facts and the model's shape,
+so each rule is unit-tested without a GPU. Explicit user values always win; every automatic choice
+is recorded with its reason in `RunPlan.notes` and printed at the start of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ConfigError, LoraSFTConfig
+from .hardware import Hardware
+
+# Only the part of free GPU memory that a run may plan to fill: beyond ~70% the allocator thrashes
+# (measured: 8B, seq 2048, micro batch 8 at 75 GiB ran slower than micro batch 4 at 45 GiB on an H100).
+MEMORY_HEADROOM = 0.70
+MAX_AUTO_MICRO_BATCH = 16
+CPU_MAX_AUTO_MICRO_BATCH = 4
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a decoder's config that memory and FLOPs depend on."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    num_parameters: int  # all parameters of the base model
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        text = getattr(config, "text_config", None) or config
+        h, i, n, v = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
+        heads = text.num_attention_heads
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or h // heads
+        per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * i
+        embeddings = v * h * (1 if getattr(text, "tie_word_embeddings", False) else 2)
+        return cls(h, i, n, v, n * per_layer + embeddings)
+
+
+@dataclass
+class RunPlan:
+    backend: str
+    device: str
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    tf32: bool | None
+    world_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    effective_batch_size: int
+    sample_packing: bool
+    gradient_checkpointing: str  # "off" | "on" | "offload"
+    optim: str
+    attn_implementation: str  # "sdpa" | "flash_attention_2"
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_precision(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[str]]:
+    if not hw.is_gpu:
+        if config.fp16:
+            raise ConfigError(["fp16=True: float16 training needs a GPU; on the CPU use fp32 (default) or bf16=True"])
+        if config.tf32:
+            raise ConfigError(["tf32=True: TF32 is an NVIDIA GPU feature; leave tf32 unset on the CPU"])
+        if config.bf16:
+            return "bfloat16", ["dtype bfloat16 (bf16=True)"]
+        return "float32", ["dtype float32 (CPU default; pass bf16=True to use bfloat16)"]
+    if config.bf16 and not hw.bf16_supported:
+        raise ConfigError([f"bf16=True: {hw.gpu_name} does not support bfloat16; use fp16=True"])
+    if config.fp16:
+        return "float16", ["dtype float16 (fp16=True)"]
+    if config.bf16 or (config.bf16 is None and hw.bf16_supported):
+        return "bfloat16", ["dtype bfloat16" + (" (bf16=True)" if config.bf16 else " (GPU supports it)")]
+    if config.bf16 is False and config.fp16 is False:
+        return "float32", ["dtype float32 (bf16=False, fp16=False)"]
+    return "float16", ["dtype float16 (GPU has no bfloat16)"]
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_batch(
+    effective: int | None, micro: int | str | None, accumulation: int | None, world: int, max_micro: int
+) -> tuple[int, int, int, list[str]]:
+    """Derive (micro, accumulation, effective) from any two, check them when all three are given.
+
+    `max_micro` is the largest micro batch that fits (used for "auto", or when only the effective batch
+    is given). With nothing given, the reference's semantics hold: micro 2, accumulation 1.
+    """
+    auto = micro == "auto" or (micro is None and effective is not None and accumulation is None)
+    if effective is not None:
+        if effective % world:
+            raise ConfigError([f"effective_batch_size={effective} is not divisible by the {world} processes"])
+        per_rank = effective // world
+        if accumulation is not None:
+            if per_rank % accumulation:
+                valid = [d for d in divisors(per_rank)]
+                raise ConfigError([f"effective_batch_size={effective} with gradient_accumulation_steps={accumulation} "
+                                   f"over {world} process(es) leaves no whole micro batch; valid accumulation steps: {valid}"])
+            derived = per_rank // accumulation
+            if not auto and micro is not None and micro != derived:
+                raise ConfigError([f"micro_batch_size={micro} x gradient_accumulation_steps={accumulation} x {world} "
+                                   f"process(es) = {micro * accumulation * world}, not effective_batch_size={effective}; "
+                                   f"drop one of the three, or use micro_batch_size={derived}"])
+            return derived, accumulation, effective, []
+        if not auto:
+            if per_rank % micro:
+                raise ConfigError([f"effective_batch_size={effective} is not a multiple of micro_batch_size={micro} x "
+                                   f"{world} process(es); valid micro batch sizes: {divisors(per_rank)}"])
+            return micro, per_rank // micro, effective, []
+        chosen = max(d for d in divisors(per_rank) if d <= max(1, max_micro))
+        return chosen, per_rank // chosen, effective, [
+            f"micro batch {chosen} x accumulation {per_rank // chosen} (largest divisor of {per_rank} that fits: <= {max_micro})"]
+    accumulation = accumulation or 1
+    if auto:
+        chosen = max(1, max_micro)
+        return chosen, accumulation, chosen * accumulation * world, [f"micro batch {chosen} (largest that fits)"]
+    micro = micro or 2
+    return micro, accumulation, micro * accumulation * world, []
+
+
+def activation_bytes_per_token(shape: ModelShape, checkpointing: str) -> float:
+    """Training-time activation memory per token, fitted to Unsloth runs on an H100 (docs/benchmarks.md).
+
+    Without checkpointing a layer keeps ~10 hidden-size and ~6 intermediate-size bf16 values per token
+    (8B shape: 124 KiB per token per layer, measured 117). With checkpointing only each layer's input
+    stays (2 bytes x hidden), plus one layer being recomputed; offloading moves the inputs to CPU RAM.
+    """
+    full_layer = 10 * shape.hidden_size + 6 * shape.intermediate_size
+    if checkpointing == "off":
+        return shape.num_layers * full_layer
+    if checkpointing == "on":
+        return shape.num_layers * 2 * shape.hidden_size + full_layer
+    return full_layer
+
+
+def weight_bytes(shape: ModelShape, quantization: str | None) -> float:
+    per_param = {"4bit": 0.56, "8bit": 1.06}.get(quantization or "", 2.0)
+    return shape.num_parameters * per_param
+
+
+def max_micro_batch_that_fits(shape: ModelShape, seq_len: int, checkpointing: str, free_gib: float,
+                              quantization: str | None) -> int:
+    budget = free_gib * 2**30 * MEMORY_HEADROOM - weight_bytes(shape, quantization) - 2 * 2**30  # CUDA context, LoRA, optimizer
+    per_sequence = activation_bytes_per_token(shape, checkpointing) * seq_len
+    return int(max(0, budget) // per_sequence)
+
+
+def choose_checkpointing_and_micro(config: LoraSFTConfig, hw: Hardware, shape: ModelShape | None, seq_len: int,
+                                   backend: str) -> tuple[str, int, list[str]]:
+    """Pick gradient checkpointing (unless given) and the largest micro batch that fits with it."""
+    explicit = {True: "on", False: "off", "offload": "offload"}.get(config.gradient_checkpointing)
+    if explicit == "offload" and backend != "unsloth":
+        raise ConfigError(["gradient_checkpointing='offload' is Unsloth's offloaded checkpointing; "
+                           "with backend='peft' use True or False"])
+    if not hw.is_gpu or shape is None:
+        return explicit or "off", CPU_MAX_AUTO_MICRO_BATCH, ([] if explicit else ["gradient checkpointing off (CPU)"])
+    quant = "4bit" if config.load_in_4bit else "8bit" if config.load_in_8bit else None
+    options = [explicit] if explicit else ["off", "on", "offload"] if backend == "unsloth" else ["off", "on"]
+    wanted = config.micro_batch_size if isinstance(config.micro_batch_size, int) else 1
+    for mode in options:
+        fits = max_micro_batch_that_fits(shape, seq_len, mode, hw.free_memory_gib, quant)
+        if fits >= wanted or mode == options[-1]:
+            why = f"estimated {fits} sequence(s) of {seq_len} tokens fit in {MEMORY_HEADROOM:.0%} of {hw.free_memory_gib:.0f} GiB free"
+            notes = [] if explicit else [f"gradient checkpointing {mode} ({why})"]
+            return mode, min(max(fits, 1), MAX_AUTO_MICRO_BATCH), notes
+    raise AssertionError("unreachable")
+
+
+def resolve_optimizer(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[str]]:
+    if config.optim is not None:
+        if not hw.is_gpu and ("8bit" in config.optim or "paged" in config.optim):
+            raise ConfigError([f"optim={config.optim!r}: 8-bit and paged optimizers need a GPU; on the CPU use "
+                               "'adamw_torch_fused' (default) or 'adamw_torch'"])
+        return config.optim, []
+    if hw.is_gpu and hw.bitsandbytes_installed:
+        return "adamw_8bit", ["optimizer adamw_8bit (GPU default; bitsandbytes installed)"]
+    if hw.is_gpu:
+        return "adamw_torch_fused", ["optimizer adamw_torch_fused (bitsandbytes not installed)"]
+    return "adamw_torch_fused", ["optimizer adamw_torch_fused (CPU default)"]
+
+
+def resolve_attention(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[str]]:
+    if config.flash_attention and not hw.is_gpu:
+        raise ConfigError(["flash_attention=True: FlashAttention needs a CUDA GPU; leave it unset on the CPU"])
+    if config.flash_attention and not hw.flash_attn_installed:
+        raise ConfigError(["flash_attention=True but the flash_attn package is not installed: "
+                           "pip install flash-attn --no-build-isolation, or leave flash_attention unset to use SDPA"])
+    if hw.is_gpu and hw.flash_attn_installed and config.flash_attention is not False:
+        return "flash_attention_2", ["attention: FlashAttention 2 (installed)"]
+    reason = "flash_attention=False" if config.flash_attention is False else "flash_attn not installed" if hw.is_gpu else "CPU"
+    return "sdpa", [f"attention: PyTorch SDPA ({reason})"]
+
+
+def resolve_packing(config: LoraSFTConfig, hw: Hardware, backend: str) -> tuple[bool, list[str]]:
+    if config.sample_packing is None:
+        return hw.is_gpu, [f"sample packing {'on (GPU default)' if hw.is_gpu else 'off (CPU default)'}"]
+    if config.sample_packing and not hw.is_gpu and backend == "unsloth":
+        raise ConfigError(["sample_packing=True on the CPU: Unsloth turns packing off there. Use backend='peft' "
+                           "(padding-free packing with per-sample position ids), or leave sample_packing unset"])
+    return config.sample_packing, []
+
+
+def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelShape | None, seq_len: int,
+              world: int = 1) -> RunPlan:
+    """All hardware-dependent decisions for one run. Raises ConfigError for impossible combinations."""
+    if (config.load_in_4bit or config.load_in_8bit) and not hw.bitsandbytes_installed:
+        raise ConfigError(["load_in_4bit/load_in_8bit need bitsandbytes: pip install bitsandbytes"])
+    if config.load_in_8bit and not hw.is_gpu:
+        raise ConfigError(["load_in_8bit=True needs a GPU (bitsandbytes' 8-bit matmul has no CPU kernel); "
+                           "use load_in_4bit=True or 16-bit LoRA on the CPU"])
+    dtype, notes = resolve_precision(config, hw)
+    checkpointing, max_micro, ckpt_notes = choose_checkpointing_and_micro(config, hw, shape, seq_len, backend)
+    micro, accumulation, effective, batch_notes = resolve_batch(
+        config.effective_batch_size, config.micro_batch_size, config.gradient_accumulation_steps, world, max_micro)
+    packing, pack_notes = resolve_packing(config, hw, backend)
+    optim, optim_notes = resolve_optimizer(config, hw)
+    attention, attn_notes = resolve_attention(config, hw)
+    return RunPlan(
+        backend=backend, device=hw.device, dtype=dtype, tf32=config.tf32, world_size=world,
+        micro_batch_size=micro, gradient_accumulation_steps=accumulation, effective_batch_size=effective,
+        sample_packing=packing, gradient_checkpointing=checkpointing, optim=optim, attn_implementation=attention,
+        notes=notes + ckpt_notes + batch_notes + pack_notes + optim_notes + attn_notes,
+    )

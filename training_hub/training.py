@@ -1,0 +1,121 @@
+"""Config -> TRL SFTConfig/SFTTrainer, and the callbacks every run carries."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .config import LoraSFTConfig
+from .hardware import is_main_process
+from .plan import RunPlan
+
+METRICS_FILE = "training_metrics.jsonl"
+
+
+def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path):
+    """Every TrainingArguments field that matters is passed explicitly: Unsloth patches the defaults."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        per_device_train_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=plan.optim,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=plan.dtype == "bfloat16",
+        fp16=plan.dtype == "float16",
+        tf32=plan.tf32,
+        use_cpu=plan.device == "cpu",
+        # Unsloth applies its own checkpointing in get_peft_model; TRL's would wrap it a second time.
+        gradient_checkpointing=plan.backend == "peft" and plan.gradient_checkpointing == "on",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=config.max_seq_len,
+        packing=plan.sample_packing,
+        packing_strategy="bfd",
+        padding_free=plan.sample_packing,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=plan.device == "cuda",
+        ddp_find_unused_parameters=False if plan.world_size > 1 else None,
+        remove_unused_columns=True,
+    )
+
+
+def trainer_class(plan: RunPlan):
+    """TRL's SFTTrainer, or on the CPU without Unsloth a subclass that computes the loss the transformers way.
+
+    TRL 1.15 always computes the loss through a fused LM head whose kernel is Triton-only, so a plain PEFT
+    model cannot train on a CPU with it (Unsloth replaces that head when it is imported). The subclass
+    returns `transformers.Trainer.compute_loss` (the model's own cross-entropy on the given labels);
+    only TRL's entropy/token-accuracy metrics are lost. `use_cache=False` keeps packed samples apart
+    (transformers builds block-diagonal masks from position ids only without a KV cache).
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if not (plan.device == "cpu" and plan.backend == "peft"):
+        return SFTTrainer
+
+    class CPUSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {**inputs, "use_cache": False}
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return CPUSFTTrainer
+
+
+def build_trainer(model, tokenizer, train_dataset, config: LoraSFTConfig, plan: RunPlan, output_dir: Path,
+                  callbacks: list[Any]):
+    cls = trainer_class(plan)
+    return cls(
+        model=model,
+        args=build_sft_config(config, plan, output_dir),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def metrics_callback(path: Path):
+    """A TrainerCallback writing one JSON object per logging step to `path`, flushed live (rank 0 only)."""
+    from transformers import TrainerCallback
+
+    class MetricsFileCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or not is_main_process():
+                return
+            entry = {"step": state.global_step, "epoch": _jsonable(state.epoch)}
+            entry.update({k: _jsonable(v) for k, v in logs.items()})
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    return MetricsFileCallback()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
