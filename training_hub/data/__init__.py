@@ -1,0 +1,34 @@
+"""The data pipeline: read and validate (``load_examples``), then tokenize with loss masks (``tokenize_examples``).
+
+Importing this package is light: ``datasets``, ``transformers`` and ``pyarrow`` are imported only inside
+the functions that need them.
+"""
+
+from .loading import load_examples
+from .masking import FALLBACK_CHAT_TEMPLATE, format_example
+from .pipeline import tokenize_examples
+from .schema import (
+    DATASET_TYPES,
+    TRUNCATION_MODES,
+    DataError,
+    DataSummary,
+    Example,
+    LoadedData,
+    Message,
+    TokenizedData,
+)
+
+__all__ = [
+    "DATASET_TYPES",
+    "FALLBACK_CHAT_TEMPLATE",
+    "TRUNCATION_MODES",
+    "DataError",
+    "DataSummary",
+    "Example",
+    "LoadedData",
+    "Message",
+    "TokenizedData",
+    "format_example",
+    "load_examples",
+    "tokenize_examples",
+]

@@ -1,0 +1,103 @@
+"""The data types shared by the data pipeline: one message shape, one example shape, the results.
+
+Nothing heavy is imported here: ``datasets`` appears only in a type annotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+if TYPE_CHECKING:
+    import datasets
+
+DATASET_TYPES = ("auto", "messages", "chat_template", "alpaca", "sharegpt", "prompt_completion", "text", "passthrough")
+TRUNCATION_MODES = ("truncate", "drop", "error")
+ROLES = ("system", "user", "assistant")
+
+DatasetType = Literal["auto", "messages", "chat_template", "alpaca", "sharegpt", "prompt_completion", "text", "passthrough"]
+TruncationMode = Literal["truncate", "drop", "error"]
+
+
+class DataError(ValueError):
+    """A problem with the training data: the message names where (file:line or row), the field and the fix."""
+
+
+class Message(TypedDict):
+    """The one message shape every chat format is converted to."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(slots=True)
+class Example:
+    """One validated, normalized training example.
+
+    Exactly one of ``messages`` (chat formats), ``text`` (``text`` format) or ``input_ids``
+    (``passthrough``; ``labels`` optional) is set.
+    """
+
+    origin: str
+    messages: list[Message] | None = None
+    text: str | None = None
+    input_ids: list[int] | None = None
+    labels: list[int] | None = None
+
+
+@dataclass
+class LoadedData:
+    """The result of :func:`training_hub.data.load_examples`."""
+
+    examples: list[Example]
+    format: str
+    source: str
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+@dataclass
+class DataSummary:
+    """What tokenization kept, cut and dropped; printed before training."""
+
+    format: str
+    rows_in: int
+    rows_out: int
+    rows_truncated: int
+    rows_dropped_too_long: int
+    rows_dropped_no_supervised_tokens: int
+    tokens_min: int
+    tokens_median: int
+    tokens_max: int
+    tokens_total: int
+    supervised_tokens_total: int
+    template_note: str
+    max_seq_len: int = 0
+    truncation: str = "truncate"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        share = 100.0 * self.supervised_tokens_total / self.tokens_total if self.tokens_total else 0.0
+        lines = [
+            f"Data: {self.rows_out:,} of {self.rows_in:,} rows kept (format {self.format}; {self.template_note})",
+            f"Tokens per row: min {self.tokens_min:,}, median {self.tokens_median:,}, max {self.tokens_max:,}; "
+            f"total {self.tokens_total:,}, {share:.1f}% with loss",
+            f"Longer than max_seq_len={self.max_seq_len:,}: {self.rows_truncated:,} truncated, "
+            f"{self.rows_dropped_too_long:,} dropped; {self.rows_dropped_no_supervised_tokens:,} dropped with no "
+            f"supervised token",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class TokenizedData:
+    """Token ids and labels (-100 where no loss), one row per kept example, in the input order."""
+
+    dataset: "datasets.Dataset"
+    summary: DataSummary
+    from_cache: bool = False
+    cache_path: str | None = field(default=None)
