@@ -128,7 +128,7 @@ def check_conversation(messages: list[Message], field: str) -> None:
             continue
         if i > first and role == messages[i - 1]["role"]:
             raise RowProblem(f"{field}[{i - 1}] and {field}[{i}] are consecutive {role} turns; merge them into one")
-        raise RowProblem(f"{field}[{i}] is a {role} turn where a {expected} turn is expected "
+        raise RowProblem(f"{field}[{i}] has role '{role}' where '{expected}' is expected "
                          "(after an optional system turn, turns alternate user, assistant, ...)")
     if not any(m["role"] == "assistant" for m in messages):
         raise RowProblem(f"'{field}' has no assistant turn, so nothing to train on")
