@@ -114,7 +114,8 @@ def render_with_spans(renderer: Renderer, messages: list[Message]) -> tuple[str,
             continue
         prefix = render(renderer, messages[:k], add_generation_prompt=True)
         check_prefix(prefix, full, k, " with add_generation_prompt=True")
-        through = render(renderer, messages[: k + 1])
+        # The last answer closes the conversation: its render is the full one, no need to render it again.
+        through = full if k == len(messages) - 1 else render(renderer, messages[: k + 1])
         check_prefix(through, full, k + 1, "")
         spans.append((len(prefix), answer_end(full, len(prefix), len(through), renderer.end_markers)))
     return full, spans
