@@ -192,3 +192,20 @@ def test_empty_and_missing_sources(tmp_path):
     assert f"not found: {tmp_path / 'nope.jsonl'}" in load_error(tmp_path / "nope.jsonl")
     assert "unsupported file type '.txt'" in load_error((tmp_path / "a.txt").write_text("x") and tmp_path / "a.txt")
     assert "dataset_type='alpacca' is not valid" in load_error([ROWS["text"]], dataset_type="alpacca")
+
+
+def test_hub_name_goes_to_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([ROWS["text"]])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    loaded = load_examples("someone/some-data")
+    assert calls == [("someone/some-data", "train")] and loaded.format == "text"
+    assert "Hub dataset someone/some-data" in loaded.source
+    with pytest.raises(DataError, match="not found: someone/data.jsonl"):
+        load_examples("someone/data.jsonl")

@@ -121,3 +121,20 @@ def test_format_example_marks_supervised_text(tokenizer_factory):
     preview = format_example(row["input_ids"], row["labels"], tokenizer)
     assert "[[Hello, Alice!<|im_end|>]]\n<|im_start|>user" in preview
     assert preview.count("[[") == 2 and "\x1b" not in preview
+
+
+@pytest.mark.parametrize(("template", "renders_bos"), [("chatml", False), ("llama3", True)])
+def test_bos_added_by_the_tokenizer_appears_exactly_once(template, renders_bos):
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = build_tokenizer(template=template)
+    tokenizer.bos_token = "<|begin_of_text|>"
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    assert tokenizer("Hi")["input_ids"][0] == bos  # this tokenizer adds BOS itself
+    row = tokenize(tokenizer).dataset[0]
+    assert row["input_ids"][0] == bos and row["input_ids"].count(bos) == 1 and row["labels"][0] == -100
+    eot = END_OF_TURN[template]
+    expected = [ids(tokenizer, "Hello, Alice!" + eot), ids(tokenizer, "Hello, Bob!" + eot)]
+    assert supervised_runs(row["input_ids"], row["labels"]) == expected

@@ -65,7 +65,7 @@ def test_text_rows_train_on_every_token_and_end_with_eos(tokenizer_factory):
     row = result.dataset[0]
     assert row["input_ids"][-1] == tokenizer.eos_token_id
     assert row["labels"] == row["input_ids"]  # this tokenizer adds no BOS of its own
-    assert result.summary.format == "text" and "eos_token appended" in result.summary.template_note
+    assert result.summary.format == "text" and "eos_token '<|eot_id|>' appended" in result.summary.template_note
 
 
 def test_passthrough_rows_are_used_as_given(tokenizer_factory):

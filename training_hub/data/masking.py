@@ -49,6 +49,9 @@ def make_renderer(tokenizer: Any, *, needs_template: bool = True) -> Renderer:
 
     Raises DataError when the tokenizer has neither a chat template nor an eos token (for chat data).
     """
+    if not getattr(tokenizer, "is_fast", True):
+        raise DataError(f"Loss masking needs a fast tokenizer (with offsets); {type(tokenizer).__name__} is not one. "
+                        "Load it with AutoTokenizer.from_pretrained(..., use_fast=True).")
     eos = tokenizer.eos_token
     own = getattr(tokenizer, "chat_template", None)
     if own:

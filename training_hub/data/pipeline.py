@@ -71,15 +71,23 @@ def tokenize_examples(
             return cached
     rows = encode_all(loaded.examples, renderer, train_on_inputs, num_proc)
     kept = apply_limits(loaded.examples, rows, max_seq_len, truncation)
-    note = "text: loss on every token, eos_token appended" if loaded.format == "text" else renderer.note
-    if loaded.format == "passthrough":
-        note = "passthrough: token ids and labels used as given"
+    note = format_note(loaded.format, renderer)
     result = TokenizedData(build_dataset(kept.rows), summarize(loaded.format, len(rows), kept, note, max_seq_len,
                                                                truncation))
     if folder is not None:
         save_cached(folder, result)
         result.cache_path = str(folder)
     return result
+
+
+def format_note(fmt: str, renderer: Renderer) -> str:
+    """How rows became text, for the summary."""
+    if fmt == "passthrough":
+        return "passthrough: token ids and labels used as given"
+    if fmt == "text":
+        eos = f"eos_token {renderer.eos_token!r} appended" if renderer.eos_token else "the tokenizer has no eos_token"
+        return f"text: loss on every token, {eos}"
+    return renderer.note
 
 
 def check_arguments(max_seq_len: int, truncation: str, num_proc: int | None) -> None:
