@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser("quickstart", help="train a tiny model offline on bundled data (about a minute on a CPU)")
     quick.add_argument("--model", help="a model folder or hub id to fine-tune instead of the built-in tiny model")
     quick.add_argument("--output-dir", default="quickstart-output")
-    quick.add_argument("--max-steps", type=int, default=200)
+    quick.add_argument("--max-steps", type=int, default=600)
     quick.add_argument("--backend", choices=["auto", "unsloth", "peft"], default="auto")
     add_train_parser(sub)
     preview = sub.add_parser("preview", help="show how a dataset is tokenized and which tokens carry loss")

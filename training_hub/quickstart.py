@@ -19,11 +19,11 @@ def bundled_dataset() -> Path:
 
 
 def build_default_model(folder: Path) -> Path:
-    """A Qwen2-architecture model (hidden 128, 2 layers) with a tokenizer trained on the bundled data."""
+    """A Qwen2-architecture model (hidden 256, 2 layers) with a tokenizer trained on the bundled data."""
     from .tiny import save_tiny_model
 
     corpus = [line for line in bundled_dataset().read_text().splitlines()]
-    return save_tiny_model(folder, architecture="qwen2", template="chatml", corpus=corpus, hidden_size=128)
+    return save_tiny_model(folder, architecture="qwen2", template="chatml", corpus=corpus, hidden_size=256)
 
 
 def loss_curve(metrics_path: Path, width: int = 10) -> str:
@@ -50,17 +50,21 @@ def generate(output_dir: Path, question: str) -> str:
     return tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def run_quickstart(model: str | None = None, output_dir: str = "quickstart-output", max_steps: int = 200,
+def run_quickstart(model: str | None = None, output_dir: str = "quickstart-output", max_steps: int = 600,
                    backend: str = "auto") -> int:
     """Train on the bundled data and print the loss curve and a generation. Returns a process exit code."""
     from .api import lora_sft
 
     out = Path(output_dir)
+    if backend != "peft":
+        from .models.unsloth import import_unsloth
+
+        import_unsloth()  # before the tiny-model builder imports transformers, so Unsloth's patches apply
     model_path = model or str(build_default_model(out / "base-model"))
     print(f"quickstart: model {model_path}, data {bundled_dataset()}, output {out / 'adapter'}")
     result = lora_sft(
         model_path=model_path, data_path=str(bundled_dataset()), ckpt_output_dir=str(out / "adapter"),
-        backend=backend, max_steps=max_steps, learning_rate=3e-3 if model is None else 2e-4, lora_r=16,
+        backend=backend, max_steps=max_steps, learning_rate=2e-3 if model is None else 2e-4, lora_r=16,
         lora_alpha=32, effective_batch_size=8, warmup_steps=10, max_seq_len=256, logging_steps=10,
         save_steps=max_steps, overwrite_output_dir=True,  # a demo folder: rerunning replaces it
     )

@@ -122,6 +122,9 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        # The usual 0.02 caps a frozen random LM head's logits near 1 at this width, so nothing a LoRA
+        # learns could show in the loss; 1/sqrt(hidden) lets the output distribution sharpen.
+        initializer_range=hidden_size**-0.5,
     )
     config = Qwen2Config(**common) if architecture == "qwen2" else LlamaConfig(**common)
     torch.manual_seed(seed)

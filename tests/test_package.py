@@ -1,0 +1,38 @@
+"""The package stays light to import and its command line is derived from the config."""
+
+import subprocess
+import sys
+
+from training_hub.cli import build_parser
+from training_hub.config import PARAMETER_NAMES
+
+
+def test_import_is_light():
+    code = ("import sys, training_hub; heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'unsloth', "
+            "'datasets', 'pyarrow') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_train_has_every_parameter():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest for a in train._actions}
+    assert set(PARAMETER_NAMES) - {"callbacks"} <= flags
+
+
+def test_cli_rejects_unknown_config_key(tmp_path, capsys):
+    from training_hub.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_path: m\ndata_path: d.jsonl\nckpt_output_dir: out\nlora_rank: 8\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter 'lora_rank'" in err and "Did you mean 'lora_r'" in err
+
+
+def test_cli_values_are_typed(tmp_path, capsys):
+    from training_hub.cli import main
+
+    assert main(["train", "--model_path", "m", "--data_path", "d.jsonl", "--ckpt_output_dir", str(tmp_path / "o"),
+                 "--lora_r", "zero"]) == 2
+    assert "lora_r='zero': expected int" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""Hardware-dependent choices, checked with hardware described by hand."""
+
+import pytest
+
+from training_hub.config import ConfigError, LoraSFTConfig
+from training_hub.hardware import Hardware
+from training_hub.plan import ModelShape, make_plan, max_micro_batch_that_fits, resolve_batch
+
+CPU = Hardware(device="cpu")
+H100 = Hardware(device="cuda", gpu_name="H100", gpu_count=1, bf16_supported=True, total_memory_gib=79.2,
+                free_memory_gib=78.6, bitsandbytes_installed=True)
+T4 = Hardware(device="cuda", gpu_name="T4", gpu_count=1, bf16_supported=False, total_memory_gib=15, free_memory_gib=14.5)
+LLAMA_8B = ModelShape(hidden_size=4096, intermediate_size=14336, num_layers=32, vocab_size=128256,
+                      num_parameters=8_030_261_248)
+
+
+def plan(hw=CPU, backend="unsloth", shape=None, seq=2048, world=1, **kw):
+    return make_plan(LoraSFTConfig(model_path="m", data_path="d", ckpt_output_dir="o", **kw), hw, backend, shape, seq, world)
+
+
+@pytest.mark.parametrize(
+    "effective, micro, accum, world, expected",
+    [
+        (None, None, None, 1, (2, 1, 2)),  # the reference's semantics
+        (None, 4, None, 1, (4, 1, 4)),
+        (None, None, 4, 1, (2, 4, 8)),
+        (16, 4, None, 1, (4, 4, 16)),
+        (16, None, 2, 2, (4, 2, 16)),
+        (16, 2, 4, 2, (2, 4, 16)),
+        (8, 4, 2, 1, (4, 2, 8)),
+    ],
+)
+def test_batch_math(effective, micro, accum, world, expected):
+    assert resolve_batch(effective, micro, accum, world, max_micro=4)[:3] == expected
+
+
+def test_only_effective_batch_picks_a_divisor_that_fits():
+    assert resolve_batch(12, None, None, 1, max_micro=5)[:3] == (4, 3, 12)
+    assert resolve_batch(8, "auto", None, 1, max_micro=16)[:3] == (8, 1, 8)
+
+
+@pytest.mark.parametrize(
+    "effective, micro, accum, world, fragment",
+    [
+        (16, 3, None, 1, "valid micro batch sizes: [1, 2, 4, 8, 16]"),
+        (16, 2, 3, 1, "valid accumulation steps"),
+        (16, 2, 2, 1, "not effective_batch_size=16"),
+        (9, None, None, 2, "not divisible by the 2 processes"),
+    ],
+)
+def test_inconsistent_batch_is_refused(effective, micro, accum, world, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        resolve_batch(effective, micro, accum, world, max_micro=4)
+
+
+def test_cpu_defaults():
+    p = plan()
+    assert (p.dtype, p.sample_packing, p.gradient_checkpointing, p.optim, p.attn_implementation) == (
+        "float32", False, "off", "adamw_torch_fused", "sdpa")
+    assert (p.micro_batch_size, p.gradient_accumulation_steps) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(fp16=True), "fp16=True: float16 training needs a GPU"),
+        (dict(tf32=True), "tf32=True"),
+        (dict(optim="adamw_8bit"), "8-bit and paged optimizers need a GPU"),
+        (dict(flash_attention=True), "FlashAttention needs a CUDA GPU"),
+        (dict(sample_packing=True), "Unsloth turns packing off there"),
+        (dict(load_in_8bit=True), "bitsandbytes"),
+        (dict(gradient_checkpointing="offload"), None),
+    ],
+)
+def test_cpu_refusals(kwargs, fragment):
+    if fragment is None:  # offload is Unsloth's: fine there, refused for peft
+        assert plan(**kwargs).gradient_checkpointing == "offload"
+        with pytest.raises(ConfigError, match="backend='peft'"):
+            plan(backend="peft", **kwargs)
+        return
+    with pytest.raises(ConfigError, match=fragment):
+        plan(**kwargs)
+
+
+def test_cpu_packing_is_honoured_by_the_peft_backend():
+    assert plan(backend="peft", sample_packing=True).sample_packing is True
+
+
+def test_gpu_defaults_8b():
+    p = plan(H100, shape=LLAMA_8B, effective_batch_size=8)
+    assert (p.dtype, p.sample_packing, p.optim) == ("bfloat16", True, "adamw_8bit")
+    # Measured on an H100: no checkpointing with micro batch 4 (45 GiB) beat micro 8 (75 GiB) and offloading.
+    assert (p.gradient_checkpointing, p.micro_batch_size, p.gradient_accumulation_steps) == ("off", 4, 2)
+
+
+def test_gpu_without_bf16_uses_fp16_and_refuses_bf16():
+    assert plan(T4, shape=LLAMA_8B, load_in_4bit=False).dtype == "float16"
+    with pytest.raises(ConfigError, match="does not support bfloat16"):
+        plan(T4, shape=LLAMA_8B, bf16=True)
+
+
+def test_small_gpu_turns_checkpointing_on():
+    small = Hardware(device="cuda", gpu_name="A10", gpu_count=1, bf16_supported=True, total_memory_gib=24,
+                     free_memory_gib=23.5, bitsandbytes_installed=True)
+    p = plan(small, shape=LLAMA_8B, load_in_4bit=True, micro_batch_size=2)
+    assert p.gradient_checkpointing in ("on", "offload") and p.micro_batch_size == 2
+
+
+def test_explicit_values_win():
+    p = plan(H100, shape=LLAMA_8B, gradient_checkpointing="offload", micro_batch_size=2, gradient_accumulation_steps=4,
+             sample_packing=False, optim="adamw_torch", bf16=False, fp16=True)
+    assert (p.gradient_checkpointing, p.micro_batch_size, p.gradient_accumulation_steps, p.sample_packing, p.optim, p.dtype) == (
+        "offload", 2, 4, False, "adamw_torch", "float16")
+
+
+def test_memory_estimate_matches_h100_measurements():
+    """8B, seq 2048, no checkpointing: 4 sequences fit in 70% of 78.6 GiB, 8 do not (75 GiB measured)."""
+    assert max_micro_batch_that_fits(LLAMA_8B, 2048, "off", 78.6, None) == 4
