@@ -106,7 +106,7 @@ def test_second_call_loads_from_cache(tokenizer_factory, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr("training_hub.data.pipeline.encode_all", fail)
+    monkeypatch.setattr("training_hub.data.pipeline.process_all", fail)
     second = tokenize_examples(loaded, tokenizer, max_seq_len=64, cache_dir=tmp_path)
     assert second.from_cache and second.cache_path == first.cache_path
     assert second.dataset.to_list() == first.dataset.to_list() and second.summary == first.summary

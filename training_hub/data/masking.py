@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from .schema import DataError, Message
@@ -127,11 +128,9 @@ def render_with_spans(renderer: Renderer, messages: list[Message]) -> tuple[str,
 def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """Labels: the token id where the token overlaps an answer span, else -100 (offsets are sorted)."""
     labels = [IGNORE_INDEX] * len(input_ids)
-    starts = [start for start, _ in offsets]
-    ends = [end for _, end in offsets]
     for span_start, span_end in spans:
-        first = bisect_right(ends, span_start)  # first token ending after the span starts
-        stop = bisect_left(starts, span_end)  # first token starting at or after the span end
+        first = bisect_right(offsets, span_start, key=itemgetter(1))  # first token ending after the span starts
+        stop = bisect_left(offsets, span_end, key=itemgetter(0))  # first token starting at or after the span end
         labels[first:stop] = input_ids[first:stop]
     return labels
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,32 @@ Row = tuple[list[int], list[int]]
 
 
 @dataclass
-class Kept:
-    """Rows that survive truncation and the no-supervised-token check, with the counts of what did not."""
+class Tally:
+    """What the limits did to a set of rows; tallies of chunks add up."""
 
-    rows: list[Row]
+    rows_in: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_no_supervised: int = 0
+    supervised: int = 0
+    lengths: list[int] = field(default_factory=list)
+    too_long: list[str] = field(default_factory=list)  # "origin: n tokens > max_seq_len" (truncation="error")
+    empty: list[str] = field(default_factory=list)  # origins of rows left with no supervised token
+
+    def add(self, other: "Tally") -> None:
+        for name in ("rows_in", "truncated", "dropped_too_long", "dropped_no_supervised", "supervised"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.lengths += other.lengths
+        self.too_long += other.too_long
+        self.empty += other.empty
+
+
+@dataclass(frozen=True)
+class Settings:
+    renderer: Renderer
+    max_seq_len: int
+    train_on_inputs: bool
+    truncation: str
 
 
 def tokenize_examples(
@@ -69,11 +88,13 @@ def tokenize_examples(
         cached = load_cached(folder)
         if cached is not None:
             return cached
-    rows = encode_all(loaded.examples, renderer, train_on_inputs, num_proc)
-    kept = apply_limits(loaded.examples, rows, max_seq_len, truncation)
-    note = format_note(loaded.format, renderer)
-    result = TokenizedData(build_dataset(kept.rows), summarize(loaded.format, len(rows), kept, note, max_seq_len,
-                                                               truncation))
+    settings = Settings(renderer, max_seq_len, train_on_inputs, truncation)
+    table, tally = process_all(loaded.examples, settings, num_proc)
+    check_tally(tally, max_seq_len)
+    summary = summarize(loaded.format, tally, format_note(loaded.format, renderer), max_seq_len, truncation)
+    from datasets import Dataset
+
+    result = TokenizedData(Dataset(table), summary)
     if folder is not None:
         save_cached(folder, result)
         result.cache_path = str(folder)
@@ -102,39 +123,60 @@ def check_arguments(max_seq_len: int, truncation: str, num_proc: int | None) -> 
         raise ValueError("; ".join(problems))
 
 
-def encode_all(examples: list[Example], renderer: Renderer, train_on_inputs: bool, num_proc: int | None) -> list[Row]:
-    """Encode every example, in chunks; in worker processes when that pays."""
-    workers = num_proc or default_workers(len(examples))
-    encode = partial(encode_chunk, renderer=renderer, train_on_inputs=train_on_inputs)
-    if workers <= 1:
-        chunks = [examples[i: i + CHUNK_ROWS] for i in range(0, len(examples), CHUNK_ROWS)]
-        return [row for chunk in chunks for row in encode(chunk)]
-    import multiprocessing
+def process_all(examples: list[Example], settings: Settings, num_proc: int | None) -> tuple[Any, Tally]:
+    """Process every example in chunks, in worker processes when that pays; one Arrow table and tally."""
+    import pyarrow as pa
 
-    # One slice per worker, so the tokenizer is pickled once per worker. "fork" does not re-import
-    # the caller's __main__ (an unguarded script would run again under "spawn").
-    size = -(-len(examples) // workers)
-    slices = [examples[i: i + size] for i in range(0, len(examples), size)]
-    with multiprocessing.get_context("fork").Pool(len(slices)) as pool:
-        parts = pool.map(partial(encode_in_chunks, renderer=renderer, train_on_inputs=train_on_inputs), slices)
-    return [row for part in parts for row in part]
+    workers = num_proc or default_workers(len(examples))
+    if workers <= 1:
+        parts = [process_slice(examples, settings)]
+    else:
+        import multiprocessing
+
+        # One slice per worker, so the tokenizer is pickled once per worker; results come back as Arrow
+        # buffers. "fork" does not re-import the caller's __main__ (an unguarded script would run again
+        # under "spawn").
+        size = -(-len(examples) // workers)
+        slices = [examples[i: i + size] for i in range(0, len(examples), size)]
+        with multiprocessing.get_context("fork").Pool(len(slices)) as pool:
+            parts = pool.map(partial(process_slice, settings=settings), slices)
+    tally = Tally()
+    for _, part in parts:
+        tally.add(part)
+    return pa.concat_tables([table for table, _ in parts]), tally
 
 
 def default_workers(rows: int) -> int:
     """Half the cores (the tokenizer's own threads use the rest) for large data on 8+ cores, else 1.
 
     Measured on a 2-core machine, two workers were slower than one: the batched Rust tokenizer already
-    uses both cores, and the workers' results must be pickled back.
+    uses both cores.
     """
     cores = os.cpu_count() or 1
     return min(cores // 2, 8) if rows >= PARALLEL_MIN_ROWS and cores >= 8 else 1
 
 
-def encode_in_chunks(examples: list[Example], renderer: Renderer, train_on_inputs: bool) -> list[Row]:
-    rows: list[Row] = []
+def process_slice(examples: list[Example], settings: Settings) -> tuple[Any, Tally]:
+    """Encode, limit and convert to Arrow chunk by chunk, so few Python objects live at once."""
+    import pyarrow as pa
+
+    tables, tally = [], Tally()
     for i in range(0, len(examples), CHUNK_ROWS):
-        rows += encode_chunk(examples[i: i + CHUNK_ROWS], renderer, train_on_inputs)
-    return rows
+        chunk = examples[i: i + CHUNK_ROWS]
+        rows = encode_chunk(chunk, settings.renderer, settings.train_on_inputs)
+        kept = apply_limits(chunk, rows, settings.max_seq_len, settings.truncation, tally)
+        tables.append(rows_table(kept))
+    return (pa.concat_tables(tables) if tables else rows_table([])), tally
+
+
+def rows_table(rows: list[Row]) -> Any:
+    """An Arrow table with the columns and types ``datasets`` uses for token data."""
+    import pyarrow as pa
+
+    return pa.table({
+        "input_ids": pa.array([ids for ids, _ in rows], type=pa.list_(pa.int32())),
+        "labels": pa.array([labels for _, labels in rows], type=pa.list_(pa.int64())),
+    })
 
 
 def encode_chunk(examples: list[Example], renderer: Renderer, train_on_inputs: bool) -> list[Row]:
@@ -182,55 +224,54 @@ def passthrough_row(example: Example, vocab_size: int) -> Row:
     return ids, list(example.labels) if example.labels is not None else list(ids)
 
 
-def apply_limits(examples: list[Example], rows: list[Row], max_seq_len: int, truncation: str) -> Kept:
-    """Truncate/drop/refuse long rows, then drop rows without a supervised token; refuse losing most rows."""
-    too_long = [f"{ex.origin}: {len(ids):,} tokens > max_seq_len={max_seq_len:,}"
-                for ex, (ids, _) in zip(examples, rows) if len(ids) > max_seq_len]
-    if too_long and truncation == "error":
-        raise DataError(problem_report("the data", None, too_long, len(rows)).replace("are invalid", "are too long")
-                        + "\nRaise max_seq_len, or pass truncation='truncate' or 'drop'.")
-    kept = Kept(rows=[])
-    empty: list[str] = []
+def apply_limits(examples: list[Example], rows: list[Row], max_seq_len: int, truncation: str,
+                 tally: Tally) -> list[Row]:
+    """Truncate/drop/note long rows, then drop rows without a supervised token; count it all in ``tally``."""
+    kept: list[Row] = []
     for example, (ids, labels) in zip(examples, rows):
+        tally.rows_in += 1
         if len(ids) > max_seq_len:
+            if truncation == "error":
+                tally.too_long.append(f"{example.origin}: {len(ids):,} tokens > max_seq_len={max_seq_len:,}")
+                continue
             if truncation == "drop":
-                kept.dropped_too_long += 1
+                tally.dropped_too_long += 1
                 continue
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            kept.truncated += 1
-        if all(label == IGNORE_INDEX for label in labels):
-            kept.dropped_no_supervised += 1
-            empty.append(example.origin)
+            tally.truncated += 1
+        supervised = len(labels) - labels.count(IGNORE_INDEX)
+        if supervised == 0:
+            tally.dropped_no_supervised += 1
+            tally.empty.append(example.origin)
             continue
-        kept.rows.append((ids, labels))
-    check_dropped(kept, len(rows), empty, max_seq_len)
+        tally.supervised += supervised
+        tally.lengths.append(len(ids))
+        kept.append((ids, labels))
     return kept
 
 
-def check_dropped(kept: Kept, rows_in: int, empty: list[str], max_seq_len: int) -> None:
-    dropped = kept.dropped_too_long + kept.dropped_no_supervised
-    if dropped * 2 <= rows_in and kept.rows:
+def check_tally(tally: Tally, max_seq_len: int) -> None:
+    """Refuse rows too long under truncation="error", and losing more than half of the rows."""
+    if tally.too_long:
+        raise DataError(problem_report("the data", None, tally.too_long, tally.rows_in).replace("are invalid",
+                                                                                                "are too long")
+                        + "\nRaise max_seq_len, or pass truncation='truncate' or 'drop'.")
+    dropped = tally.dropped_too_long + tally.dropped_no_supervised
+    if dropped * 2 <= tally.rows_in and tally.lengths:
         return
     raise DataError(
-        f"{dropped:,} of {rows_in:,} rows would be dropped ({kept.dropped_too_long:,} longer than "
-        f"max_seq_len={max_seq_len:,}, {kept.dropped_no_supervised:,} with no supervised token left"
-        + (f", e.g. {', '.join(empty[:MAX_LISTED])}" if empty else "")
+        f"{dropped:,} of {tally.rows_in:,} rows would be dropped ({tally.dropped_too_long:,} longer than "
+        f"max_seq_len={max_seq_len:,}, {tally.dropped_no_supervised:,} with no supervised token left"
+        + (f", e.g. {', '.join(tally.empty[:MAX_LISTED])}" if tally.empty else "")
         + "). Refusing to train on what is left: raise max_seq_len, shorten the prompts, or check the data.")
 
 
-def summarize(fmt: str, rows_in: int, kept: Kept, note: str, max_seq_len: int, truncation: str) -> DataSummary:
-    lengths = [len(ids) for ids, _ in kept.rows]
-    supervised = sum(sum(1 for label in labels if label != IGNORE_INDEX) for _, labels in kept.rows)
+def summarize(fmt: str, tally: Tally, note: str, max_seq_len: int, truncation: str) -> DataSummary:
+    lengths = tally.lengths
     return DataSummary(
-        format=fmt, rows_in=rows_in, rows_out=len(kept.rows), rows_truncated=kept.truncated,
-        rows_dropped_too_long=kept.dropped_too_long, rows_dropped_no_supervised_tokens=kept.dropped_no_supervised,
+        format=fmt, rows_in=tally.rows_in, rows_out=len(lengths), rows_truncated=tally.truncated,
+        rows_dropped_too_long=tally.dropped_too_long, rows_dropped_no_supervised_tokens=tally.dropped_no_supervised,
         tokens_min=min(lengths), tokens_median=int(statistics.median_low(lengths)), tokens_max=max(lengths),
-        tokens_total=sum(lengths), supervised_tokens_total=supervised, template_note=note,
+        tokens_total=sum(lengths), supervised_tokens_total=tally.supervised, template_note=note,
         max_seq_len=max_seq_len, truncation=truncation,
     )
-
-
-def build_dataset(rows: list[Row]) -> Any:
-    from datasets import Dataset
-
-    return Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]})
