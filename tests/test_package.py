@@ -36,3 +36,11 @@ def test_cli_values_are_typed(tmp_path, capsys):
     assert main(["train", "--model_path", "m", "--data_path", "d.jsonl", "--ckpt_output_dir", str(tmp_path / "o"),
                  "--lora_r", "zero"]) == 2
     assert "lora_r='zero': expected int" in capsys.readouterr().err
+
+
+def test_every_parameter_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "parameters.md").read_text()
+    missing = [name for name in PARAMETER_NAMES if f"`{name}`" not in doc]
+    assert not missing
