@@ -220,7 +220,8 @@ def passthrough_row(example: Example, vocab_size: int) -> Row:
     ids = example.input_ids or []
     if max(ids) >= vocab_size:
         raise DataError(f"{example.origin}: input_ids holds token id {max(ids)}, but the tokenizer has only "
-                        f"{vocab_size} tokens (ids 0..{vocab_size - 1}); was the data tokenized with another tokenizer?")
+                        f"{vocab_size} tokens (ids 0..{vocab_size - 1}); was the data tokenized with another "
+                        "tokenizer?")
     return ids, list(example.labels) if example.labels is not None else list(ids)
 
 

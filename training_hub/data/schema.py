@@ -15,7 +15,9 @@ DATASET_TYPES = ("auto", "messages", "chat_template", "alpaca", "sharegpt", "pro
 TRUNCATION_MODES = ("truncate", "drop", "error")
 ROLES = ("system", "user", "assistant")
 
-DatasetType = Literal["auto", "messages", "chat_template", "alpaca", "sharegpt", "prompt_completion", "text", "passthrough"]
+DatasetType = Literal[
+    "auto", "messages", "chat_template", "alpaca", "sharegpt", "prompt_completion", "text", "passthrough"
+]
 TruncationMode = Literal["truncate", "drop", "error"]
 
 
