@@ -86,3 +86,21 @@ def test_peft_backend_packs_on_the_cpu_when_asked(tiny_model_factory, greeting_j
     assert summary["plan"]["sample_packing"] is True
     curve = losses(out)
     assert curve[-1] < curve[0]
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "peft"])
+def test_torchrun_two_processes(backend, tiny_model_factory, greeting_jsonl, tmp_path):
+    """`torchrun --nproc-per-node 2 script.py` trains data-parallel (gloo on the CPU); rank 0 alone writes."""
+    base = tiny_model_factory("qwen2", "chatml")
+    out = tmp_path / "out"
+    args = dict(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend=backend,
+                max_steps=6, effective_batch_size=8, save_steps=1000, logging_steps=2, learning_rate=3e-3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(JOB), json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["plan"]["world_size"] == 2 and summary["plan"]["micro_batch_size"] == 4
+    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6], "metrics written by more than one rank"
+    assert sum("train_loss" in r for r in rows) == 1
+    check_adapter(out, base)

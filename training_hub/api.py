@@ -260,6 +260,7 @@ def _train(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
     output = trainer.train()
     metrics = _final_metrics(output.metrics, trainer.state, plan)
     _save_adapter(trainer, loaded_model.tokenizer, out)
+    trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
     manifest.write(out, config, plan, tokenized.summary, loaded_model, metrics=metrics)
     log(f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
         f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s; adapter in {out}")
