@@ -253,6 +253,11 @@ def _train(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
     out.mkdir(parents=True, exist_ok=True)
     loaded_model = load_model(config, plan)
     log(loaded_model.describe())
+    if loaded_model.tokenizer.chat_template is None and tokenized.summary.format not in ("text", "passthrough"):
+        # The data was rendered with the fallback template: save it so generation uses the same format.
+        from .data import FALLBACK_CHAT_TEMPLATE
+
+        loaded_model.tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     metrics_path = out / training.METRICS_FILE
     config_path = manifest.write(out, config, plan, tokenized.summary, loaded_model)
     callbacks = [training.metrics_callback(metrics_path), *(config.callbacks or [])]
