@@ -10,7 +10,7 @@ import torch
 from training_hub.data import load_examples, tokenize_examples
 from training_hub.tiny import build_model
 
-from conftest import greeting_conversations
+from sample_data import greeting_conversations
 
 
 @pytest.fixture(scope="module")
