@@ -1,0 +1,158 @@
+"""End-to-end training on a GPU: Unsloth LoRA, Unsloth QLoRA and plain PEFT LoRA.
+
+The base is a random-init model of Qwen2.5-0.5B's shape (bf16, built on the GPU) with the tiny ChatML
+tokenizer; the data are conftest's greeting conversations. Each training run is its own process
+(tests/e2e_job.py): Unsloth patches the whole process it is imported in. Each test prints one JSON line
+with its figures, so run with -s to record them:
+
+    python -m pytest tests/test_gpu.py -m gpu -s -q
+
+Skipped without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sample_data import greeting_conversations, write_jsonl
+from test_train_e2e import losses, train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEVICE = "cuda"
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STEPS = 20
+# Qwen2.5-0.5B's shape; the weights are random, throughput and memory do not depend on their values.
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-6)
+SHAPE = QWEN25_05B
+
+
+def build_base(out: Path, tokenizer, shape: dict | None = None, device: str | None = None) -> Path:
+    """Random-init bf16 Qwen2 of `shape`, built directly on `device`, saved with `tokenizer`."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    shape = shape or SHAPE
+    device = device or DEVICE
+    # As in training_hub.tiny: 1/sqrt(hidden) instead of 0.02, so that what the LoRA learns shows in the loss.
+    config = Qwen2Config(**shape, initializer_range=shape["hidden_size"] ** -0.5, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, tokenizer_factory) -> Path:
+    return build_base(tmp_path_factory.mktemp("qwen2.5-0.5b-shape"), tokenizer_factory("chatml"))
+
+
+@pytest.fixture(scope="module")
+def greetings(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("greetings") / "greetings.jsonl", greeting_conversations(64))
+
+
+def run_training(base: Path, data: Path, out: Path, **kwargs) -> tuple[dict, list[float]]:
+    summary = train(model_path=str(base), data_path=str(data), ckpt_output_dir=str(out), lora_r=16, lora_alpha=32,
+                    max_steps=STEPS, learning_rate=1e-3, warmup_steps=2, effective_batch_size=8, max_seq_len=256,
+                    logging_steps=1, save_steps=1000, **kwargs)
+    curve = losses(out)
+    assert len(curve) == STEPS, curve
+    assert all(math.isfinite(x) for x in curve), curve
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < first, f"loss did not fall: {curve}"
+    assert summary["metrics"]["global_step"] == STEPS
+    return summary, curve
+
+
+def check_adapter_and_generate(out: Path, base: Path, device: str | None = None) -> str:
+    """The adapter is a LoRA of r=16 on the 7 projections, loads with PeftModel onto the bf16 base, changes the
+    logits, and generates 8 tokens. Returns the generated text."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or DEVICE
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_alpha"] == 32, config
+    assert sorted(config["target_modules"]) == sorted(PROJECTIONS), config["target_modules"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map={"": device})
+    model = PeftModel.from_pretrained(model, out)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Greet Alice."}], tokenize=False,
+                                           add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    with torch.no_grad():
+        adapted = model(**inputs).logits.float()
+        with model.disable_adapter():
+            plain = model(**inputs).logits.float()
+        assert torch.isfinite(adapted).all()
+        assert not torch.allclose(adapted, plain), "the adapter changes nothing"
+        generated = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert generated.shape[1] == prompt_length + 8, generated.shape
+    text = tokenizer.decode(generated[0, prompt_length:])
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return text
+
+
+def report(test: str, summary: dict, curve: list[float], generated: str) -> None:
+    metrics, plan = summary["metrics"], summary["plan"]
+    print("\n" + json.dumps({
+        "test": test, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "tokens_per_s": metrics.get("tokens_per_second"), "peak_memory_gib": metrics.get("peak_memory_gib"),
+        "train_runtime_s": metrics.get("train_runtime"), "steps": metrics.get("global_step"),
+        "loss_first": curve[0], "loss_last": curve[-1],
+        "plan": {k: plan.get(k) for k in ("backend", "dtype", "micro_batch_size", "gradient_accumulation_steps",
+                                          "sample_packing", "gradient_checkpointing", "optim", "attn_implementation")},
+        "generated": generated}), flush=True)
+
+
+def expected_dtype() -> str:
+    return "bfloat16" if DEVICE == "cuda" else "float32"
+
+
+def test_unsloth_lora_trains_loads_and_generates(base_model, greetings, tmp_path):
+    out = tmp_path / "unsloth-lora"
+    summary, curve = run_training(base_model, greetings, out, backend="unsloth")
+    assert summary["plan"]["backend"] == "unsloth" and summary["unsloth_imported"]
+    assert summary["plan"]["dtype"] == expected_dtype()
+    generated = check_adapter_and_generate(out, base_model)
+    report("unsloth_lora", summary, curve, generated)
+
+
+def test_unsloth_qlora_trains_loads_and_generates(base_model, greetings, tmp_path):
+    out = tmp_path / "unsloth-qlora"
+    summary, curve = run_training(base_model, greetings, out, backend="unsloth", load_in_4bit=True)
+    assert summary["plan"]["backend"] == "unsloth" and summary["unsloth_imported"]
+    assert summary["plan"]["dtype"] == expected_dtype()
+    manifest = json.loads((out / "run_config.json").read_text())
+    assert manifest["config"]["load_in_4bit"] is True and manifest["plan"]["dtype"] == expected_dtype()
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    generated = check_adapter_and_generate(out, base_model)
+    report("unsloth_qlora", summary, curve, generated)
+
+
+def test_peft_lora_trains_loads_and_generates(base_model, greetings, tmp_path):
+    out = tmp_path / "peft-lora"
+    summary, curve = run_training(base_model, greetings, out, backend="peft")
+    assert summary["plan"]["backend"] == "peft" and not summary["unsloth_imported"]
+    assert summary["plan"]["dtype"] == expected_dtype()
+    generated = check_adapter_and_generate(out, base_model)
+    report("peft_lora", summary, curve, generated)
