@@ -3,16 +3,57 @@
 End-to-end tests call this through subprocess because `import unsloth` patches the whole process
 (TrainingArguments, SFTTrainer): a plain-PEFT run must never share a process with an Unsloth run.
 Usage: python tests/e2e_job.py '{"model_path": ..., "data_path": ..., "ckpt_output_dir": ..., ...}'
+
+Test-only keys (popped before lora_sft is called; each becomes a callback):
+    "_kill_after_save_step": k   SIGKILL this process right after checkpoint-k is saved (and marked complete).
+    "_nan_from_step": k          make the loss NaN from optimizer step k on (an output hook on the embeddings).
 """
 
 import json
+import os
+import signal
 import sys
+
+
+def test_callbacks(kwargs: dict) -> list:
+    kill_step = kwargs.pop("_kill_after_save_step", None)
+    nan_step = kwargs.pop("_nan_from_step", None)
+    if kill_step is None and nan_step is None:
+        return []
+    if kwargs.get("backend") != "peft":  # Unsloth must be imported before transformers
+        from training_hub.models.unsloth import import_unsloth
+
+        import_unsloth()
+    from transformers import TrainerCallback
+
+    callbacks = []
+    if kill_step is not None:
+        class KillAfterSave(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                if state.global_step == kill_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        callbacks.append(KillAfterSave())
+    if nan_step is not None:
+        class NaNFromStep(TrainerCallback):
+            hooked = False
+
+            def on_step_begin(self, args, state, control, model=None, **kw):
+                if state.global_step + 1 >= nan_step and not self.hooked:
+                    model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
+                    self.hooked = True
+
+        callbacks.append(NaNFromStep())
+    return callbacks
 
 
 def main() -> None:
     kwargs = json.loads(sys.argv[1])
     import training_hub
 
+    extra = test_callbacks(kwargs)
+    if extra:
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *extra]
     result = training_hub.lora_sft(**kwargs)
     print(json.dumps({"metrics": result.metrics, "plan": result.plan, "data_summary": result.data_summary,
                       "unsloth_imported": "unsloth" in sys.modules}))

@@ -162,19 +162,31 @@ def lora_sft(
 
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import data
+    from . import checkpoints, data
+    from .models.adapters import with_adapter_settings
     from .models.unsloth import import_unsloth
 
-    problems = cfg.output_dir_problems(config.ckpt_output_dir, config.overwrite_output_dir)
-    if problems:
-        raise cfg.ConfigError(problems)
+    out = Path(config.ckpt_output_dir)
+    _raise_problems(cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint))
+    resume = checkpoints.find_resume_point(out, config.resume_from_checkpoint)
+    config = with_adapter_settings(config)
+    if resume is not None:
+        _raise_problems(checkpoints.resume_config_problems(resume, config.to_dict()))
     loaded = data.load_examples(config.data_path, **_data_fields(config))
     log(f"data: {len(loaded)} rows, format {loaded.format} ({loaded.source})")
     backend = _resolve_backend(config.backend, import_unsloth)
     plan, tokenized, tokenizer = _plan_and_tokenize(config, loaded, backend)
+    fingerprint = checkpoints.data_fingerprint(loaded.fingerprint, tokenized.summary.to_dict())
+    if resume is not None:
+        _raise_problems(checkpoints.resume_data_problems(resume, fingerprint))
     if config.dry_run:
         return _dry_run_result(config, plan, tokenized)
-    return _train(config, plan, tokenized)
+    return _train(config, plan, tokenized, resume, fingerprint)
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise cfg.ConfigError(problems)
 
 
 def _data_fields(config: LoraSFTConfig) -> dict[str, Any]:
@@ -241,16 +253,13 @@ def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
                           config_path=out / "run_config.json", plan=asdict(plan), data_summary=tokenized.summary.to_dict())
 
 
-def _train(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
+def _train(config: LoraSFTConfig, plan, tokenized, resume, fingerprint: str) -> TrainingResult:
     from dataclasses import asdict
 
-    from . import manifest, training
+    from . import checkpoints, manifest, training
     from .models import load_model
 
-    out = Path(config.ckpt_output_dir)
-    if config.overwrite_output_dir and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_output(config, resume)
     loaded_model = load_model(config, plan)
     log(loaded_model.describe())
     if loaded_model.tokenizer.chat_template is None and tokenized.summary.format not in ("text", "passthrough"):
@@ -260,11 +269,19 @@ def _train(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
         loaded_model.tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     metrics_path = out / training.METRICS_FILE
     config_path = manifest.write(out, config, plan, tokenized.summary, loaded_model)
-    callbacks = [training.metrics_callback(metrics_path), *(config.callbacks or [])]
+    stop = checkpoints.StopRequest()
+    guard = checkpoints.guard_callback(out, stop, config.to_dict(), fingerprint, config.save_total_limit,
+                                       loss_scaler=plan.dtype == "float16")
+    callbacks = [training.metrics_callback(metrics_path), guard, *(config.callbacks or [])]
     trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, config, plan, out, callbacks)
-    output = trainer.train()
-    metrics = _final_metrics(output.metrics, trainer.state, plan)
+    start = str(resume.checkpoint) if resume is not None and resume.checkpoint is not None else None
+    with checkpoints.stop_on_signals(stop):
+        output = trainer.train(resume_from_checkpoint=start)
+    _raise_if_stopped(stop, out, config, plan)
+    metrics = _final_metrics(output.metrics, trainer.state, plan, metrics_path if start else None)
     _save_adapter(trainer, loaded_model.tokenizer, out)
+    if config.save_merged:
+        _save_merged(config, plan, out)
     trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
     manifest.write(out, config, plan, tokenized.summary, loaded_model, metrics=metrics)
     log(f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
@@ -274,8 +291,53 @@ def _train(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
                           model=loaded_model.model, tokenizer=loaded_model.tokenizer, trainer=trainer)
 
 
-def _final_metrics(train_metrics: dict[str, Any], state, plan) -> dict[str, Any]:
+def _prepare_output(config: LoraSFTConfig, resume) -> Path:
+    """Create the output folder; when resuming, set aside checkpoints not used and cut the metrics back."""
+    from . import checkpoints, training
+    from .hardware import is_main_process
+
+    out = Path(config.ckpt_output_dir)
+    if not is_main_process():
+        return out
+    if config.overwrite_output_dir and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        return out
+    for notice in checkpoints.set_aside(resume.set_aside):
+        log(notice)
+    dropped = checkpoints.truncate_metrics(out / training.METRICS_FILE, resume.step)
+    where = f"{resume.checkpoint} (step {resume.step})" if resume.checkpoint else "the start (no checkpoint yet)"
+    log(f"resuming from {where}" + (f"; {dropped} metric rows after it removed" if dropped else ""))
+    return out
+
+
+def _raise_if_stopped(stop, out: Path, config: LoraSFTConfig, plan) -> None:
+    from . import checkpoints
+
+    message = checkpoints.stopped_message(stop, out, config.learning_rate, plan.dtype)
+    if message is not None:
+        log(message)
+        raise checkpoints.TrainingStopped(message)
+
+
+def _save_merged(config: LoraSFTConfig, plan, out: Path) -> None:
+    from .export import merge_adapter_isolated
+    from .hardware import is_main_process
+
+    if is_main_process():
+        dtype = "float16" if plan.dtype == "float16" else "bfloat16"
+        merged = merge_adapter_isolated(config.model_path, out, out / "merged", dtype=dtype,
+                                        trust_remote_code=config.trust_remote_code)
+        log(f"merged {dtype} model in {merged}")
+
+
+def _final_metrics(train_metrics: dict[str, Any], state, plan, resumed_metrics: Path | None = None) -> dict[str, Any]:
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in train_metrics.items()}
+    if resumed_metrics is not None:  # the Trainer averages only the steps of this process over all steps
+        from .checkpoints import resumed_train_loss
+
+        metrics["train_loss"] = resumed_train_loss(resumed_metrics) or metrics.get("train_loss")
     runtime = metrics.get("train_runtime") or 0.0
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     metrics.update(global_step=state.global_step, num_tokens=tokens,
@@ -289,6 +351,7 @@ def _final_metrics(train_metrics: dict[str, Any], state, plan) -> dict[str, Any]
 
 def _save_adapter(trainer, tokenizer, out: Path) -> None:
     """Write the final adapter + tokenizer to a temporary folder, then move the files in (rank 0 only)."""
+    from .export import vllm_warnings
     from .hardware import is_main_process
 
     if not is_main_process():
@@ -300,6 +363,8 @@ def _save_adapter(trainer, tokenizer, out: Path) -> None:
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()
+    for warning in vllm_warnings(json.loads((out / "adapter_config.json").read_text())):
+        log(f"warning: {warning}")
 
 
 def prepare_dataset(

@@ -168,8 +168,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "loftq_config": "LoftQ initialisation",
     "eval_data_path": "evaluation during training",
     "eval_steps": "evaluation during training",
-    "resume_from_checkpoint": "resuming from a checkpoint",
-    "save_merged": "merged export (use training_hub.merge_adapter after training once available)",
     "save_samples": "saving samples (the reference never implemented it either)",
     "checkpoint_at_epoch": "per-epoch checkpoints (use save_steps)",
     "accelerate_full_state_at_epoch": "per-epoch accelerate state (use save_steps)",
@@ -293,6 +291,13 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
                  "(nproc_per_node=None or 1), or launch your script with torchrun")
     if c.callbacks is not None:
         p += _callback_problems(c.callbacks)
+    if c.overwrite_output_dir and c.resume_from_checkpoint not in (None, False):
+        p.append(f"overwrite_output_dir=True with resume_from_checkpoint={c.resume_from_checkpoint!r}: choose one "
+                 "(overwriting deletes the checkpoints a resume would continue from)")
+    if isinstance(c.resume_from_checkpoint, str) and not c.resume_from_checkpoint.strip():
+        p.append("resume_from_checkpoint='': give True, 'auto' or a checkpoint-N folder")
+    if c.lora_adapter is not None and not c.lora_adapter.strip():
+        p.append("lora_adapter='': give the folder of a PEFT LoRA adapter (adapter_config.json) or None")
     for name, feature in NOT_SUPPORTED_YET.items():
         default = LoraSFTConfig.__dataclass_fields__[name].default
         if getattr(c, name) != default:
@@ -308,12 +313,16 @@ def _callback_problems(callbacks: list[Any]) -> list[str]:
     return out
 
 
-def output_dir_problems(ckpt_output_dir: str | Path, overwrite_output_dir: bool) -> list[str]:
-    """Refuse to mix a new run into a folder that holds earlier work (checked before anything is written)."""
+def output_dir_problems(ckpt_output_dir: str | Path, overwrite_output_dir: bool,
+                        resume_from_checkpoint: bool | str | None = None) -> list[str]:
+    """Refuse to mix a new run into a folder that holds earlier work (checked before anything is written).
+
+    Resuming continues the run in the folder (checkpoints.find_resume_point checks what it holds)."""
     out = Path(ckpt_output_dir)
     if out.exists() and not out.is_dir():
         return [f"ckpt_output_dir={str(out)!r} exists and is not a folder"]
-    if not out.is_dir() or overwrite_output_dir:
+    resuming = resume_from_checkpoint not in (None, False)
+    if not out.is_dir() or overwrite_output_dir or resuming:
         return []
     earlier = sorted(
         p.name for p in out.iterdir()
@@ -321,5 +330,5 @@ def output_dir_problems(ckpt_output_dir: str | Path, overwrite_output_dir: bool)
     )
     if earlier:
         return [f"ckpt_output_dir={str(out)!r} already holds a run ({', '.join(earlier[:4])}): choose a new folder, "
-                "or pass overwrite_output_dir=True to replace it"]
+                "pass resume_from_checkpoint=True (or 'auto') to continue it, or overwrite_output_dir=True to replace it"]
     return []

@@ -44,9 +44,10 @@ def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path):
         packing_strategy="bfd",
         padding_free=plan.sample_packing,
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as is, so the divergence guard sees it
         save_strategy="steps",
         save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
+        save_total_limit=None,  # rotated by checkpoints.guard_callback, counting only complete checkpoints
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=plan.device == "cuda",

@@ -1,0 +1,234 @@
+"""Checkpoints: completion markers, choosing the resume point, exact kill-and-resume, SIGTERM, divergence.
+
+Training runs happen in subprocesses (tests/e2e_job.py): Unsloth patches the whole process.
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training_hub import checkpoints, lora_sft
+from training_hub.config import ConfigError, output_dir_problems
+
+JOB = Path(__file__).with_name("e2e_job.py")
+
+
+def fake_checkpoint(out: Path, step: int, complete: bool = True, config: dict | None = None) -> Path:
+    folder = out / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+    if complete:
+        checkpoints.mark_complete(folder, step, config or {"lora_r": 8}, "data-fp")
+    return folder
+
+
+# ---- choosing where to resume (no training) ------------------------------------------------------------------
+
+def test_newest_complete_checkpoint_is_chosen_and_incomplete_ones_set_aside(tmp_path):
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        fake_checkpoint(tmp_path, step, complete)
+    point = checkpoints.find_resume_point(tmp_path, True)
+    assert point.checkpoint.name == "checkpoint-4" and point.step == 4
+    assert [p.name for p in point.set_aside] == ["checkpoint-6"]
+    notices = checkpoints.set_aside(point.set_aside)
+    assert "incomplete" in notices[0]
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-6.set-aside-")]  # kept, not deleted
+    assert checkpoints.find_resume_point(tmp_path, "auto").checkpoint.name == "checkpoint-4"
+
+
+def test_resume_true_needs_a_complete_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path, 3, complete=False)
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint=True but .* holds no complete checkpoint .*checkpoint-3"):
+        checkpoints.find_resume_point(tmp_path, True)
+
+
+def test_auto_starts_fresh_without_a_checkpoint_but_never_over_a_finished_adapter(tmp_path):
+    assert checkpoints.find_resume_point(tmp_path / "new", "auto").checkpoint is None
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"finished")
+    with pytest.raises(ConfigError, match="finished adapter"):
+        checkpoints.find_resume_point(tmp_path, "auto")
+
+
+def test_explicit_checkpoint_must_exist_and_be_complete(tmp_path):
+    with pytest.raises(ConfigError, match="no such folder"):
+        checkpoints.find_resume_point(tmp_path, str(tmp_path / "checkpoint-9"))
+    half = fake_checkpoint(tmp_path, 5, complete=False)
+    with pytest.raises(ConfigError, match="incomplete"):
+        checkpoints.find_resume_point(tmp_path, str(half))
+    good = fake_checkpoint(tmp_path, 2)
+    newer = fake_checkpoint(tmp_path, 8)
+    point = checkpoints.find_resume_point(tmp_path, str(good))
+    assert point.checkpoint == good and set(point.set_aside) == {half, newer}  # newer work is set aside, never overwritten
+
+
+def test_output_folder_with_a_run_is_refused_unless_resuming_or_overwriting(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    (problem,) = output_dir_problems(tmp_path, overwrite_output_dir=False)
+    assert "resume_from_checkpoint=True" in problem and "overwrite_output_dir=True" in problem
+    assert output_dir_problems(tmp_path, False, resume_from_checkpoint="auto") == []
+    with pytest.raises(ConfigError, match="choose one"):
+        lora_sft("m", "d.jsonl", str(tmp_path), overwrite_output_dir=True, resume_from_checkpoint=True)
+
+
+def test_resume_refuses_other_lora_settings(tmp_path, greeting_jsonl):
+    from training_hub.config import LoraSFTConfig
+
+    out = tmp_path / "out"
+    config = dict(model_path="m", data_path=str(greeting_jsonl), ckpt_output_dir=str(out), lora_r=8, max_steps=4)
+    fake_checkpoint(out, 2, config=LoraSFTConfig(**config).to_dict())
+    with pytest.raises(ConfigError, match=r"lora_r: 8 in the checkpoint, 16 now.*Only max_steps"):
+        lora_sft(**dict(config, lora_r=16, resume_from_checkpoint=True))
+    point = checkpoints.find_resume_point(out, True)
+    longer = LoraSFTConfig(**dict(config, max_steps=10, save_steps=1, resume_from_checkpoint=True)).to_dict()
+    assert checkpoints.resume_config_problems(point, longer) == []
+    assert "training data differs" in checkpoints.resume_data_problems(point, "other")[0]
+
+
+def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
+    path = tmp_path / "training_metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s, "train_runtime": 0.1} for s in range(1, 6)] + [{"step": 5, "train_loss": 0.4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert checkpoints.truncate_metrics(path, 3) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_rotation_counts_only_complete_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 4, complete=False)
+    checkpoints.rotate(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+
+
+def test_divergence_rules():
+    stop = checkpoints.StopRequest()
+    stop.note_loss(2.0, 1)
+    stop.note_grad_norm(float("inf"), 1, loss_scaler=True)  # fp16: a skipped step, not divergence
+    assert stop.diverged is None
+    stop.note_grad_norm(float("nan"), 2, loss_scaler=False)
+    assert "gradient norm is nan at step 2" in stop.diverged
+    stop = checkpoints.StopRequest()
+    stop.note_loss(float("inf"), 7)
+    assert stop.diverged == "the training loss is inf at step 7"
+
+
+def test_signal_handlers_are_scoped():
+    before = signal.getsignal(signal.SIGTERM)
+    stop = checkpoints.StopRequest()
+    with checkpoints.stop_on_signals(stop):
+        assert signal.getsignal(signal.SIGTERM) is not before
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is before  # a second signal acts as it did before training
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- end to end, in subprocesses ---------------------------------------------------------------------------
+
+def job(expect_ok: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(JOB), json.dumps(kwargs)], capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in metric_rows(out) if "loss" in r]
+
+
+def adapter_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def run_settings(base: Path, data: Path, backend: str) -> dict:
+    # dropout and accumulation on purpose: exact resume needs the RNG and the sampler position restored
+    return dict(model_path=str(base), data_path=str(data), backend=backend, lora_r=4, lora_dropout=0.1, max_steps=8,
+                save_steps=3, save_total_limit=2, effective_batch_size=4, micro_batch_size=2, learning_rate=5e-3,
+                warmup_steps=2, num_epochs=1, data_output_dir="none")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["peft", "unsloth"])
+def test_kill_and_resume_equals_the_uninterrupted_run(backend, tiny_model_factory, greeting_jsonl, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_factory("qwen2", "chatml")
+    settings = run_settings(base, greeting_jsonl, backend)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    job(**settings, ckpt_output_dir=str(whole))
+    assert sorted(p.name for p in whole.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]  # limit 2
+    assert all(checkpoints.is_complete(p) for p in whole.glob("checkpoint-*"))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), whole / "checkpoint-6")  # loads alone
+
+    proc = job(expect_ok=False, **settings, ckpt_output_dir=str(killed), _kill_after_save_step=3)
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoints.is_complete(killed / "checkpoint-3") and not (killed / "adapter_model.safetensors").exists()
+    half = killed / "checkpoint-6"  # a save cut short by a kill: no marker, truncated weights
+    shutil.copytree(killed / "checkpoint-3", half)
+    (half / checkpoints.COMPLETE_MARKER).unlink()
+    (half / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    refused = job(expect_ok=False, **settings, ckpt_output_dir=str(killed))
+    assert refused.returncode != 0 and "already holds a run" in refused.stderr
+
+    resumed = job(**settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
+    assert "set aside checkpoint-6 (incomplete" in resumed.stderr
+    assert step_losses(killed) == step_losses(whole)  # same steps, no duplicates, same values
+    a, b = adapter_weights(whole), adapter_weights(killed)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    assert len([r for r in metric_rows(killed) if "train_loss" in r]) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_factory, greeting_jsonl, tmp_path):
+    base = tiny_model_factory("qwen2", "chatml")
+    out = tmp_path / "out"
+    settings = dict(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend="peft",
+                    lora_r=4, max_steps=100000, save_steps=100000, learning_rate=1e-3, data_output_dir="none")
+    proc = subprocess.Popen([sys.executable, str(JOB), json.dumps(settings)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "training_metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Training stopped by SIGTERM" in stderr and "resume_from_checkpoint=True" in stderr
+    (saved,) = out.glob("checkpoint-*")
+    step = checkpoints.checkpoint_step(saved)
+    assert checkpoints.is_complete(saved) and step >= 3
+    assert not (out / "adapter_model.safetensors").exists()  # no "final" adapter for an unfinished run
+
+    job(**dict(settings, max_steps=step + 2), resume_from_checkpoint=True)
+    steps = [s for s, _ in step_losses(out)]
+    assert steps == list(range(1, step + 3))  # continued without gaps or duplicates
+    assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_factory, greeting_jsonl, tmp_path):
+    base = tiny_model_factory("qwen2", "chatml")
+    out = tmp_path / "out"
+    proc = job(expect_ok=False, model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out),
+               backend="peft", lora_r=4, max_steps=20, save_steps=2, learning_rate=1e-3, data_output_dir="none",
+               _nan_from_step=6)
+    assert proc.returncode != 0
+    assert "Training diverged: the training loss is nan at step 6" in proc.stderr
+    assert "learning rate too high" in proc.stderr and "checkpoint-4" in proc.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    good = adapter_weights(out / "checkpoint-4")
+    assert all(v.isfinite().all() for v in good.values())
+    assert not (out / "adapter_model.safetensors").exists()

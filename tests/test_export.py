@@ -1,0 +1,104 @@
+"""Merged export: merged logits equal base + adapter; QLoRA merges into the 16-bit base; the output is never half-written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_hub import merge_adapter
+from training_hub.export import vllm_warnings
+
+JOB = Path(__file__).with_name("e2e_job.py")
+
+
+def make_adapter(base: Path, out: Path, seed: int = 0, **lora) -> Path:
+    """A LoRA adapter with random (non-zero) B, saved by PEFT: what merge_adapter must handle from any source."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+def logits(model, ids=((5, 6, 7, 8, 9, 10),)):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float()
+
+
+def test_merged_logits_equal_base_plus_adapter(tiny_model_factory, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_factory("qwen2", "chatml")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    out = merge_adapter(str(base), adapter, tmp_path / "merged", dtype="float32")
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin")) == ["model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temporary folder left
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert torch.allclose(logits(merged), logits(reference), atol=1e-5)
+    assert not torch.allclose(logits(merged), logits(AutoModelForCausalLM.from_pretrained(base)), atol=1e-3)
+
+
+def test_merge_refuses_to_overwrite_and_is_safe_to_repeat(tiny_model_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_factory("qwen2", "chatml")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    out = merge_adapter(str(base), adapter, tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16  # 16-bit by default
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        merge_adapter(str(base), adapter, out)
+    first = (out / "model.safetensors").read_bytes()
+    merge_adapter(str(base), adapter, out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == first
+    with pytest.raises(ValueError, match="adapter_path=.*no adapter_config.json"):
+        merge_adapter(str(base), tmp_path, tmp_path / "other")
+
+
+def test_vllm_warnings():
+    assert vllm_warnings({"use_dora": False, "modules_to_save": None}) == []
+    assert "DoRA" in vllm_warnings({"use_dora": True})[0]
+    assert "modules_to_save" in vllm_warnings({"modules_to_save": ["lm_head"]})[0]
+
+
+def run_job(**kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(JOB), json.dumps(kwargs)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_save_merged_after_qlora_training_merges_into_the_16bit_base(tiny_model_factory, greeting_jsonl, tmp_path):
+    """QLoRA (bitsandbytes 4-bit on the CPU) -> merged bf16 model whose weights are W16 + scale * B @ A."""
+    from safetensors.torch import load_file
+
+    base = tiny_model_factory("llama", "chatml")
+    out = tmp_path / "out"
+    run_job(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend="peft",
+            load_in_4bit=True, lora_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], max_steps=4,
+            learning_rate=1e-2, save_steps=1000, save_merged=True, data_output_dir="none")
+    merged_dir = out / "merged"
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = load_file(merged_dir / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    lora = load_file(out / "adapter_model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    a, b = lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"]
+    expected = original[f"{name}.weight"].float() + (8 / 4) * b.float() @ a.float()
+    assert merged[f"{name}.weight"].dtype == torch.bfloat16
+    assert torch.allclose(merged[f"{name}.weight"].float(), expected, atol=1e-2, rtol=1e-2)  # bf16 rounding
+    assert (b.abs().sum() > 0) and not torch.equal(merged[f"{name}.weight"], original[f"{name}.weight"].bfloat16())
+    assert (merged_dir / "tokenizer_config.json").exists()
