@@ -163,7 +163,7 @@ def lora_sft(
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
     from . import checkpoints, data
-    from .models.adapters import with_adapter_settings
+    from .models.adapters import unsloth_problems, with_adapter_settings
     from .models.unsloth import import_unsloth
 
     out = Path(config.ckpt_output_dir)
@@ -175,6 +175,8 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     loaded = data.load_examples(config.data_path, **_data_fields(config))
     log(f"data: {len(loaded)} rows, format {loaded.format} ({loaded.source})")
     backend = _resolve_backend(config.backend, import_unsloth)
+    if backend == "unsloth" and config.lora_adapter is not None:
+        _raise_problems(unsloth_problems(config.lora_adapter))
     plan, tokenized, tokenizer = _plan_and_tokenize(config, loaded, backend)
     fingerprint = checkpoints.data_fingerprint(loaded.fingerprint, tokenized.summary.to_dict())
     if resume is not None:

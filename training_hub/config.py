@@ -164,7 +164,6 @@ PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Lora
 # Parameters whose feature is not built yet: any value other than the default is refused with this reason,
 # never silently ignored.
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "lora_adapter": "continuing from an existing adapter",
     "loftq_config": "LoftQ initialisation",
     "eval_data_path": "evaluation during training",
     "eval_steps": "evaluation during training",

@@ -75,3 +75,37 @@ def with_adapter_settings(config: LoraSFTConfig) -> LoraSFTConfig:
     if conflicts:
         raise ConfigError([f"lora_adapter: {c}; leave it unset to use the adapter's value" for c in conflicts])
     return dataclasses.replace(config, **updates)
+
+
+def unsloth_problems(path: str | Path) -> list[str]:
+    """Adapter features the Unsloth backend does not rebuild from a saved adapter (the peft backend does)."""
+    adapter = read_adapter_config(path)
+    problems = []
+    if isinstance(adapter.get("target_modules"), str):
+        problems.append("target_modules given as a regular expression")
+    for key in ("modules_to_save", "layers_to_transform", "layers_pattern"):
+        if adapter.get(key):
+            problems.append(f"{key}={adapter[key]!r}")
+    if adapter.get("bias", "none") != "none":
+        problems.append(f"bias={adapter['bias']!r}")
+    return [f"lora_adapter={str(path)!r} uses {p}, which backend='unsloth' does not rebuild; use backend='peft'"
+            for p in problems]
+
+
+def load_adapter_weights(model, path: str | Path) -> None:
+    """Copy a saved adapter's LoRA weights into `model` (a PeftModel of the same shape); every LoRA weight must match."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(Path(path) / ADAPTER_WEIGHTS))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"lora_adapter={str(path)!r} does not fit this model: {len(missing)} LoRA weights missing "
+                         f"(e.g. {missing[:2]}), {len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]}); "
+                         "was it trained on another base model?")
+
+
+def adapter_targets(model) -> list[str]:
+    """The module names a loaded PeftModel adapts."""
+    targets = model.peft_config[model.active_adapter].target_modules
+    return sorted(targets) if not isinstance(targets, str) else [targets]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from ..config import LoraSFTConfig
 from ..plan import RunPlan
+from .adapters import adapter_targets
 from .common import LoadedModel, check_quantized, count_parameters, device_map, lora_kwargs, quantization_config, torch_dtype
 from .targets import check_targets_exist, linear_projection_names
 
 
 def load_peft_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quant = quantization_config(config, plan.dtype)
@@ -28,9 +29,13 @@ def load_peft_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing != "off",
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = list(config.target_modules) if config.target_modules else linear_projection_names(model)
-    check_targets_exist(model, targets)
     torch.manual_seed(config.seed)  # LoRA A matrices are drawn from the global generator
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, **lora_kwargs(config)))
+    if config.lora_adapter is not None:  # continue from a saved adapter: its own LoraConfig, trainable
+        model = PeftModel.from_pretrained(model, config.lora_adapter, is_trainable=True)
+        targets = adapter_targets(model)
+    else:
+        targets = list(config.target_modules) if config.target_modules else linear_projection_names(model)
+        check_targets_exist(model, targets)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, **lora_kwargs(config)))
     trainable, total = count_parameters(model)
     return LoadedModel(model, tokenizer, targets, trainable, total)

@@ -10,6 +10,7 @@ import sys
 
 from ..config import LoraSFTConfig
 from ..plan import RunPlan
+from .adapters import load_adapter_weights
 from .common import (LoadedModel, check_quantized, count_parameters, device_map, lora_kwargs, quantization_config,
                      torch_dtype)
 from .targets import check_targets_exist, linear_projection_names
@@ -72,5 +73,7 @@ def load_unsloth_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
         max_seq_length=config.max_seq_len,
         **lora_kwargs(config),
     )
+    if config.lora_adapter is not None:  # Unsloth's LoRA layers, shaped like the adapter (config carries its
+        load_adapter_weights(model, config.lora_adapter)  # r/alpha/targets), then its weights
     trainable, total = count_parameters(model)
     return LoadedModel(model, tokenizer, targets, trainable, total)
