@@ -102,3 +102,21 @@ def test_save_merged_after_qlora_training_merges_into_the_16bit_base(tiny_model_
     assert torch.allclose(merged[f"{name}.weight"].float(), expected, atol=1e-2, rtol=1e-2)  # bf16 rounding
     assert (b.abs().sum() > 0) and not torch.equal(merged[f"{name}.weight"], original[f"{name}.weight"].bfloat16())
     assert (merged_dir / "tokenizer_config.json").exists()
+
+
+@pytest.mark.slow
+def test_save_merged_from_an_unsloth_run(tiny_model_factory, greeting_jsonl, tmp_path):
+    """The merge runs in a fresh process (no Unsloth patches); its logits match base + the trained adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_factory("qwen2", "chatml")
+    out = tmp_path / "out"
+    proc = run_job(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend="unsloth",
+                   lora_r=4, max_steps=4, learning_rate=1e-2, save_steps=1000, save_merged=True, data_output_dir="none")
+    assert "merged bfloat16 model in" in proc.stderr
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    assert torch.allclose(logits(merged), logits(reference), atol=5e-2)  # merged weights are rounded to bf16
+    base_logits = logits(AutoModelForCausalLM.from_pretrained(base))
+    assert (base_logits - logits(reference)).abs().max() > 0.3  # what training changed is far above the rounding

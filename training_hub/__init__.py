@@ -7,9 +7,10 @@ Importing this package is light: torch, transformers and Unsloth are imported on
 """
 
 from .api import load, lora_sft, prepare_dataset
+from .checkpoints import TrainingStopped
 from .config import ConfigError, LoraSFTConfig
 from .export import merge_adapter
 from .result import TrainingResult
 
 __version__ = "0.1.0"
-__all__ = ["lora_sft", "prepare_dataset", "load", "merge_adapter", "LoraSFTConfig", "ConfigError", "TrainingResult"]
+__all__ = ["lora_sft", "prepare_dataset", "load", "merge_adapter", "LoraSFTConfig", "ConfigError", "TrainingResult", "TrainingStopped"]

@@ -129,8 +129,9 @@ def lora_sft(
         model_path (str): local folder or hub id of a causal LM.
         data_path: .jsonl/.json/.parquet/.csv file, folder of such files, list of dicts or datasets.Dataset,
             in messages, alpaca, sharegpt, prompt/completion, text or pre-tokenized form (detected).
-        ckpt_output_dir (str): where the adapter, tokenizer, run_config.json and training_metrics.jsonl go.
-            Must not hold an earlier run unless overwrite_output_dir=True.
+        ckpt_output_dir (str): where the adapter, tokenizer, run_config.json, training_metrics.jsonl and the
+            checkpoint-N folders go. Must not hold an earlier run unless resume_from_checkpoint or
+            overwrite_output_dir=True is given (docs/checkpoints.md).
         backend ("auto" | "unsloth" | "peft", default "auto"): Unsloth's fused kernels when importable,
             else plain transformers + PEFT (with a notice).
         lora_r (int, 16), lora_alpha (int, 32), lora_dropout (float, 0.0), target_modules (list | None: all
@@ -147,6 +148,10 @@ def lora_sft(
         load_in_4bit / load_in_8bit (False), bnb_4bit_*: QLoRA. bf16 / fp16 / tf32 (None: bf16 on GPUs that
             have it, fp32 on the CPU). gradient_checkpointing ("auto" | True | False | "offload").
         save_steps (500), save_total_limit (3), logging_steps (1), callbacks (TrainerCallbacks).
+        resume_from_checkpoint (True | "auto" | path | None): continue the run in ckpt_output_dir from its newest
+            complete checkpoint (True), from it or from scratch ("auto"), or from the given checkpoint-N folder.
+        lora_adapter (str | None): start from a saved LoRA adapter's weights and shape.
+        save_merged (bool, False): also write ckpt_output_dir/merged, the base with the LoRA folded in (16-bit).
         dry_run (bool, False): validate, read and tokenize the data and print the plan; load no model.
 
     Returns:
@@ -155,6 +160,8 @@ def lora_sft(
     Raises:
         TypeError: an unknown parameter name (the closest valid one is suggested).
         ValueError (ConfigError / DataError): a bad value or bad data, naming the parameter or file:line.
+        TrainingStopped (RuntimeError): SIGTERM/SIGINT (a checkpoint was saved) or divergence (a non-finite
+            loss; the last good checkpoint is kept); the message says how to continue.
     """
     config = LoraSFTConfig(**{name: value for name, value in locals().items()})
     return run(config)
