@@ -191,6 +191,14 @@ def test_kill_and_resume_equals_the_uninterrupted_run(backend, tiny_model_factor
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
     assert len([r for r in metric_rows(killed) if "train_loss" in r]) == 1
 
+    # killed after the last checkpoint but before the final adapter: resume trains nothing and writes it
+    final = (killed / "adapter_model.safetensors").read_bytes()
+    (killed / "adapter_model.safetensors").unlink()
+    again = job(**settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
+    assert "nothing to train" in again.stderr
+    assert (killed / "adapter_model.safetensors").read_bytes() == final
+    assert step_losses(killed) == step_losses(whole)
+
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_factory, greeting_jsonl, tmp_path):

@@ -190,6 +190,8 @@ def run(config: LoraSFTConfig) -> TrainingResult:
         _raise_problems(checkpoints.resume_data_problems(resume, fingerprint))
     if config.dry_run:
         return _dry_run_result(config, plan, tokenized)
+    if resume is not None and resume.checkpoint is not None and resume.step >= (config.max_steps or float("inf")):
+        return _finish_from_checkpoint(config, plan, tokenized, resume.checkpoint)
     return _train(config, plan, tokenized, resume, fingerprint)
 
 
@@ -319,6 +321,27 @@ def _prepare_output(config: LoraSFTConfig, resume) -> Path:
     where = f"{resume.checkpoint} (step {resume.step})" if resume.checkpoint else "the start (no checkpoint yet)"
     log(f"resuming from {where}" + (f"; {dropped} metric rows after it removed" if dropped else ""))
     return out
+
+
+def _finish_from_checkpoint(config: LoraSFTConfig, plan, tokenized, checkpoint: Path) -> TrainingResult:
+    """A resume whose checkpoint already reached max_steps: nothing to train (the Trainer would run one more step),
+    the final adapter is the checkpoint's (e.g. the run was stopped after its last checkpoint, before the end)."""
+    from dataclasses import asdict
+
+    from . import checkpoints, manifest, training
+    from .checkpoints import checkpoint_step
+    from .hardware import is_main_process
+
+    out = Path(config.ckpt_output_dir)
+    log(f"{checkpoint.name} is at step {checkpoint_step(checkpoint)} >= max_steps={config.max_steps}: nothing to train; "
+        f"the final adapter is {checkpoint.name}'s")
+    if is_main_process():
+        checkpoints.copy_adapter(checkpoint, out)
+        if config.save_merged:
+            _save_merged(config, plan, out)
+    return TrainingResult(output_dir=out, adapter_path=out, metrics_path=out / training.METRICS_FILE,
+                          config_path=out / manifest.MANIFEST_FILE, metrics={"global_step": checkpoint_step(checkpoint)},
+                          plan=asdict(plan), data_summary=tokenized.summary.to_dict())
 
 
 def _raise_if_stopped(stop, out: Path, config: LoraSFTConfig, plan) -> None:

@@ -196,6 +196,23 @@ def resumed_train_loss(metrics_path: Path) -> float | None:
     return total / steps if steps else None
 
 
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+                        "README.md", COMPLETE_MARKER)
+
+
+def copy_adapter(checkpoint: Path, out: Path) -> None:
+    """Make a checkpoint's adapter and tokenizer the final ones in `out` (temp folder, then moved in)."""
+    tmp = out / ".final-adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for item in checkpoint.iterdir():
+        if item.is_file() and item.name not in TRAINING_STATE_FILES and not item.name.startswith("rng_state"):
+            shutil.copy2(item, tmp / item.name)
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+
+
 # ---- marking, rotating -------------------------------------------------------------------------------------
 
 def mark_complete(checkpoint: Path, step: int, config_dict: dict[str, Any], data_fingerprint: str) -> None:
