@@ -318,8 +318,8 @@ def _prepare_output(config: LoraSFTConfig, resume) -> Path:
     for notice in checkpoints.set_aside(resume.set_aside):
         log(notice)
     dropped = checkpoints.truncate_metrics(out / training.METRICS_FILE, resume.step)
-    where = f"{resume.checkpoint} (step {resume.step})" if resume.checkpoint else "the start (no checkpoint yet)"
-    log(f"resuming from {where}" + (f"; {dropped} metric rows after it removed" if dropped else ""))
+    start = f"resuming from {resume.checkpoint} (step {resume.step})" if resume.checkpoint else "no checkpoint yet: starting fresh"
+    log(start + (f"; {dropped} metric rows after it removed" if dropped else ""))
     return out
 
 
