@@ -318,7 +318,7 @@ def lora_sft_row(name: str, bench: dict, timer) -> dict:
         extra = dict(backend="peft", micro_batch_size=2, gradient_accumulation_steps=bench["batch"] // 2,
                      gradient_checkpointing=True, sample_packing=True)
     elif name == "lowmem":
-        extra = dict(backend="unsloth", load_in_4bit=True, gradient_checkpointing="offload", micro_batch_size=1,
+        extra = dict(backend="unsloth", gradient_checkpointing="offload", micro_batch_size=1,
                      effective_batch_size=bench["batch"])
     else:
         raise ValueError(name)

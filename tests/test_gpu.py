@@ -156,3 +156,43 @@ def test_peft_lora_trains_loads_and_generates(base_model, greetings, tmp_path):
     assert summary["plan"]["dtype"] == expected_dtype()
     generated = check_adapter_and_generate(out, base_model)
     report("peft_lora", summary, curve, generated)
+
+
+def test_unsloth_qlora_merged_model_matches_base_plus_adapter(base_model, greetings, tmp_path):
+    """QLoRA on the GPU, then save_merged=True: the merged weights are W16 + (alpha/r) B A in bf16 (merged into the
+    16-bit base, not re-quantized), and the merged model's logits equal the 16-bit base with the adapter applied,
+    up to the bf16 rounding of the merged weights (both computed in fp32 here)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "unsloth-qlora-merged"
+    summary, curve = run_training(base_model, greetings, out, backend="unsloth", load_in_4bit=True, save_merged=True)
+    merged_dir = out / "merged"
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    merged_w = {k: v for f in merged_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    base_w = {k: v for f in base_model.glob("*.safetensors") for k, v in load_file(f).items()}
+    lora = load_file(out / "adapter_model.safetensors")
+    name = "model.layers.3.mlp.down_proj"
+    a, b = lora[f"base_model.model.{name}.lora_A.weight"].float(), lora[f"base_model.model.{name}.lora_B.weight"].float()
+    expected = base_w[f"{name}.weight"].float() + (32 / 16) * b @ a
+    weight_gap = (merged_w[f"{name}.weight"].float() - expected).abs().max().item()
+    assert merged_w[f"{name}.weight"].dtype == torch.bfloat16 and weight_gap < 1e-2 * expected.abs().max().item()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]], device=DEVICE)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": DEVICE})
+        merged_logits = merged(ids).logits
+        del merged
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32, device_map={"": DEVICE})
+        adapted = PeftModel.from_pretrained(base, out)
+        adapted_logits = adapted(ids).logits
+        with adapted.disable_adapter():
+            base_logits = adapted(ids).logits
+    gap = (merged_logits - adapted_logits).abs().max().item()
+    effect = (adapted_logits - base_logits).abs().max().item()
+    print("\n" + json.dumps({"test": "unsloth_qlora_merge", "gpu": torch.cuda.get_device_name(),
+                             "max_weight_gap": weight_gap, "max_logit_gap_merged_vs_adapter": gap,
+                             "max_adapter_effect_on_logits": effect, "max_abs_logit": adapted_logits.abs().max().item(),
+                             "loss_first": curve[0], "loss_last": curve[-1]}), flush=True)
+    assert effect > 0.05, "the adapter barely changes the logits: the comparison would prove nothing"
+    assert gap < 0.25 * effect, (gap, effect)
