@@ -181,10 +181,14 @@ def run(config: LoraSFTConfig) -> TrainingResult:
         _raise_problems(checkpoints.resume_config_problems(resume, config.to_dict()))
     loaded = data.load_examples(config.data_path, **_data_fields(config))
     log(f"data: {len(loaded)} rows, format {loaded.format} ({loaded.source})")
+    eval_loaded = None
+    if config.eval_data_path is not None:
+        eval_loaded = data.load_examples(config.eval_data_path, **_data_fields(config))
+        log(f"eval data: {len(eval_loaded)} rows, format {eval_loaded.format} ({eval_loaded.source})")
     backend = _resolve_backend(config.backend, import_unsloth)
     if backend == "unsloth" and config.lora_adapter is not None:
         _raise_problems(unsloth_problems(config.lora_adapter))
-    plan, tokenized, tokenizer = _plan_and_tokenize(config, loaded, backend)
+    plan, tokenized, eval_tokenized = _plan_and_tokenize(config, loaded, eval_loaded, backend)
     fingerprint = checkpoints.data_fingerprint(loaded.fingerprint, tokenized.summary.to_dict())
     if resume is not None:
         _raise_problems(checkpoints.resume_data_problems(resume, fingerprint))
@@ -192,7 +196,7 @@ def run(config: LoraSFTConfig) -> TrainingResult:
         return _dry_run_result(config, plan, tokenized)
     if resume is not None and resume.checkpoint is not None and resume.step >= (config.max_steps or float("inf")):
         return _finish_from_checkpoint(config, plan, tokenized, resume.checkpoint)
-    return _train(config, plan, tokenized, resume, fingerprint)
+    return _train(config, plan, tokenized, eval_tokenized, resume, fingerprint)
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -220,8 +224,9 @@ def _resolve_backend(requested: str, import_unsloth) -> str:
     return "peft"
 
 
-def _plan_and_tokenize(config: LoraSFTConfig, loaded, backend: str):
-    """Load the tokenizer, make the plan (errors before tokenizing), tokenize, refine the plan to the data."""
+def _plan_and_tokenize(config: LoraSFTConfig, loaded, eval_loaded, backend: str):
+    """Load the tokenizer, make the plan (errors before tokenizing), tokenize the training (and evaluation) data
+    the same way, refine the plan to the data. Returns (plan, tokenized, eval_tokenized or None)."""
     from transformers import AutoConfig
 
     from . import data, hardware
@@ -231,14 +236,18 @@ def _plan_and_tokenize(config: LoraSFTConfig, loaded, backend: str):
     shape = ModelShape.from_config(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code))
     make_plan(config, hw, backend, shape, config.max_seq_len, hardware.world_size())  # fail fast on impossible settings
     tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
-    tokenized = data.tokenize_examples(
-        loaded, tokenizer, max_seq_len=config.max_seq_len, train_on_inputs=config.train_on_inputs,
-        truncation=config.truncation, cache_dir=config.data_output_dir)
+    tokenize = functools.partial(data.tokenize_examples, tokenizer=tokenizer, max_seq_len=config.max_seq_len,
+                                 train_on_inputs=config.train_on_inputs, truncation=config.truncation,
+                                 cache_dir=config.data_output_dir)
+    tokenized = tokenize(loaded)
     log(f"data summary:\n{tokenized.summary}")
+    eval_tokenized = tokenize(eval_loaded) if eval_loaded is not None else None
+    if eval_tokenized is not None:
+        log(f"eval data summary:\n{eval_tokenized.summary}")
     seq_len = config.max_seq_len if (config.sample_packing or hw.is_gpu) else max(1, tokenized.summary.tokens_max)
     plan = make_plan(config, hw, backend, shape, seq_len, hardware.world_size())
     log(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
-    return plan, tokenized, tokenizer
+    return plan, tokenized, eval_tokenized
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
@@ -264,7 +273,7 @@ def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
                           config_path=out / "run_config.json", plan=asdict(plan), data_summary=tokenized.summary.to_dict())
 
 
-def _train(config: LoraSFTConfig, plan, tokenized, resume, fingerprint: str) -> TrainingResult:
+def _train(config: LoraSFTConfig, plan, tokenized, eval_tokenized, resume, fingerprint: str) -> TrainingResult:
     from dataclasses import asdict
 
     from . import checkpoints, manifest, training
@@ -284,7 +293,9 @@ def _train(config: LoraSFTConfig, plan, tokenized, resume, fingerprint: str) -> 
     guard = checkpoints.guard_callback(out, stop, config.to_dict(), fingerprint, config.save_total_limit,
                                        loss_scaler=plan.dtype == "float16")
     callbacks = [training.metrics_callback(metrics_path), guard, *(config.callbacks or [])]
-    trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, config, plan, out, callbacks)
+    eval_dataset = eval_tokenized.dataset if eval_tokenized is not None else None
+    trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, eval_dataset,
+                                     config, plan, out, callbacks)
     start = str(resume.checkpoint) if resume is not None and resume.checkpoint is not None else None
     with checkpoints.stop_on_signals(stop):
         output = trainer.train(resume_from_checkpoint=start)

@@ -165,8 +165,6 @@ PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Lora
 # never silently ignored.
 NOT_SUPPORTED_YET: dict[str, str] = {
     "loftq_config": "LoftQ initialisation",
-    "eval_data_path": "evaluation during training",
-    "eval_steps": "evaluation during training",
     "save_samples": "saving samples (the reference never implemented it either)",
     "checkpoint_at_epoch": "per-epoch checkpoints (use save_steps)",
     "accelerate_full_state_at_epoch": "per-epoch accelerate state (use save_steps)",
@@ -279,6 +277,9 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         bad = {k: v for k, v in (getattr(c, name) or {}).items() if v <= 0}
         if bad:
             p.append(f"{name}={bad!r}: ranks/alphas must be > 0")
+    if c.eval_steps is not None and c.eval_data_path is None:
+        p.append(f"eval_steps={c.eval_steps}: evaluation needs eval_data_path (a file or dataset like data_path)")
+    p += _positive(c, ["eval_steps"], allow_none=True)
     if c.load_in_4bit and c.load_in_8bit:
         p.append("load_in_4bit and load_in_8bit are both True: choose one")
     if c.bf16 and c.fp16:

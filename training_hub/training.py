@@ -14,7 +14,7 @@ from .plan import RunPlan
 METRICS_FILE = "training_metrics.jsonl"
 
 
-def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path):
+def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, evaluate: bool = False):
     """Every TrainingArguments field that matters is passed explicitly: Unsloth patches the defaults."""
     from trl import SFTConfig
 
@@ -44,6 +44,9 @@ def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path):
         packing_strategy="bfd",
         padding_free=plan.sample_packing,
         logging_steps=config.logging_steps,
+        eval_strategy=("steps" if config.eval_steps else "epoch") if evaluate else "no",
+        eval_steps=config.eval_steps,
+        per_device_eval_batch_size=plan.micro_batch_size,
         logging_nan_inf_filter=False,  # a non-finite loss is logged as is, so the divergence guard sees it
         save_strategy="steps",
         save_steps=config.save_steps,
@@ -80,13 +83,14 @@ def trainer_class(plan: RunPlan):
     return CPUSFTTrainer
 
 
-def build_trainer(model, tokenizer, train_dataset, config: LoraSFTConfig, plan: RunPlan, output_dir: Path,
-                  callbacks: list[Any]):
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, config: LoraSFTConfig, plan: RunPlan,
+                  output_dir: Path, callbacks: list[Any]):
     cls = trainer_class(plan)
     return cls(
         model=model,
-        args=build_sft_config(config, plan, output_dir),
+        args=build_sft_config(config, plan, output_dir, evaluate=eval_dataset is not None),
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
