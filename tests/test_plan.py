@@ -116,3 +116,15 @@ def test_explicit_values_win():
 def test_memory_estimate_matches_h100_measurements():
     """8B, seq 2048, no checkpointing: 4 sequences fit in 70% of 78.6 GiB, 8 do not (75 GiB measured)."""
     assert max_micro_batch_that_fits(LLAMA_8B, 2048, "off", 78.6, None) == 4
+
+
+def test_flops_and_peak_for_mfu():
+    """N = blocks + LM head (the benchmark's 7,504,658,432 for the 8B shape, which leaves out the norms); k = 4,
+    or 6 with recomputation."""
+    n = LLAMA_8B.num_parameters - LLAMA_8B.vocab_size * LLAMA_8B.hidden_size
+    assert abs(n - 7_504_658_432) / n < 1e-4
+    assert LLAMA_8B.flops_per_token(0, recompute=False) == 4 * n
+    assert LLAMA_8B.flops_per_token(300, recompute=True) == 6 * (n + 2 * 32 * 300 * 4096)
+    p = plan(H100, shape=LLAMA_8B, effective_batch_size=8)
+    assert p.peak_tflops == 989.0 and p.flops_per_token == LLAMA_8B.flops_per_token(1024, False)
+    assert plan().peak_tflops is None

@@ -245,7 +245,9 @@ def _plan_and_tokenize(config: LoraSFTConfig, loaded, eval_loaded, backend: str)
     if eval_tokenized is not None:
         log(f"eval data summary:\n{eval_tokenized.summary}")
     seq_len = config.max_seq_len if (config.sample_packing or hw.is_gpu) else max(1, tokenized.summary.tokens_max)
-    plan = make_plan(config, hw, backend, shape, seq_len, hardware.world_size())
+    summary = tokenized.summary
+    plan = make_plan(config, hw, backend, shape, seq_len, hardware.world_size(),
+                     mean_row_tokens=summary.tokens_total / max(1, summary.rows_out))
     log(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
     return plan, tokenized, eval_tokenized
 
@@ -306,8 +308,10 @@ def _train(config: LoraSFTConfig, plan, tokenized, eval_tokenized, resume, finge
         _save_merged(config, plan, out)
     trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
     manifest.write(out, config, plan, tokenized.summary, loaded_model, metrics=metrics)
+    mfu = f", MFU {metrics['mfu']:.1%} of {plan.peak_tflops:.0f} TFLOP/s" if "mfu" in metrics else ""
+    memory = f", peak {metrics['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in metrics else ""
     log(f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
-        f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s; adapter in {out}")
+        f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s{mfu}{memory}; adapter in {out}")
     return TrainingResult(output_dir=out, adapter_path=out, metrics_path=metrics_path, config_path=config_path,
                           metrics=metrics, plan=asdict(plan), data_summary=tokenized.summary.to_dict(),
                           model=loaded_model.model, tokenizer=loaded_model.tokenizer, trainer=trainer)
@@ -385,6 +389,8 @@ def _final_metrics(train_metrics: dict[str, Any], state, plan, resumed_metrics: 
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     metrics.update(global_step=state.global_step, num_tokens=tokens,
                    tokens_per_second=tokens / runtime if runtime else 0.0)
+    if plan.flops_per_token and plan.peak_tflops:
+        metrics["mfu"] = metrics["tokens_per_second"] * plan.flops_per_token / (plan.peak_tflops * 1e12)
     if plan.device == "cuda":
         import torch
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import TrainingStopped
 from .config import PARAMETER_NAMES, ConfigError, LoraSFTConfig, check_parameter_names
 
 # Parameters that only make sense from Python.
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as exc:  # ConfigError and DataError are ValueErrors
         print(f"training-hub: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # SIGTERM/SIGINT (a checkpoint was saved) or divergence
+        print(f"training-hub: stopped: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

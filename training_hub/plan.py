@@ -16,6 +16,9 @@ from .hardware import Hardware
 # (measured: 8B, seq 2048, micro batch 8 at 75 GiB ran slower than micro batch 4 at 45 GiB on an H100).
 MEMORY_HEADROOM = 0.70
 MAX_AUTO_MICRO_BATCH = 16
+# Vendor dense bf16 peaks (TFLOP/s) for the MFU printed after training; unknown GPUs get no MFU.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
+                    "L4": 121.0, "RTX 4090": 165.0, "A6000": 155.0}
 CPU_MAX_AUTO_MICRO_BATCH = 4
 
 
@@ -28,6 +31,7 @@ class ModelShape:
     num_layers: int
     vocab_size: int
     num_parameters: int  # all parameters of the base model
+    tied_embeddings: bool = False
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -38,7 +42,18 @@ class ModelShape:
         head_dim = getattr(text, "head_dim", None) or h // heads
         per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * i
         embeddings = v * h * (1 if getattr(text, "tie_word_embeddings", False) else 2)
-        return cls(h, i, n, v, n * per_layer + embeddings)
+        tied = bool(getattr(text, "tie_word_embeddings", False))
+        return cls(h, i, n, v, n * per_layer + embeddings, tied)
+
+    def flops_per_token(self, mean_context: float, recompute: bool) -> float:
+        """Training FLOPs per token for LoRA: k·N + k·2·layers·ctx·hidden, N = decoder blocks + LM head.
+
+        k = 4 without recomputation (forward 2N, backward 2N: the frozen base needs no weight gradients),
+        6 with gradient checkpointing (one more forward); ctx = mean attended context per token.
+        """
+        n = self.num_parameters - (0 if self.tied_embeddings else self.vocab_size * self.hidden_size)
+        k = 6 if recompute else 4
+        return k * (n + 2 * self.num_layers * mean_context * self.hidden_size)
 
 
 @dataclass
@@ -56,6 +71,8 @@ class RunPlan:
     optim: str
     attn_implementation: str  # "sdpa" | "flash_attention_2"
     notes: list[str] = field(default_factory=list)
+    flops_per_token: float | None = None
+    peak_tflops: float | None = None  # the GPU's nominal dense bf16 rate, for MFU
 
 
 def resolve_precision(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[str]]:
@@ -204,8 +221,14 @@ def resolve_packing(config: LoraSFTConfig, hw: Hardware, backend: str) -> tuple[
     return config.sample_packing, []
 
 
+def peak_tflops(hw: Hardware) -> float | None:
+    if not hw.is_gpu or not hw.gpu_name:
+        return None
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in hw.gpu_name), None)
+
+
 def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelShape | None, seq_len: int,
-              world: int = 1) -> RunPlan:
+              world: int = 1, mean_row_tokens: float | None = None) -> RunPlan:
     """All hardware-dependent decisions for one run. Raises ConfigError for impossible combinations."""
     if (config.load_in_4bit or config.load_in_8bit) and not hw.bitsandbytes_installed:
         raise ConfigError(["load_in_4bit/load_in_8bit need bitsandbytes: pip install bitsandbytes"])
@@ -224,4 +247,6 @@ def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelSha
         micro_batch_size=micro, gradient_accumulation_steps=accumulation, effective_batch_size=effective,
         sample_packing=packing, gradient_checkpointing=checkpointing, optim=optim, attn_implementation=attention,
         notes=notes + ckpt_notes + batch_notes + pack_notes + optim_notes + attn_notes,
+        flops_per_token=shape.flops_per_token((mean_row_tokens or seq_len) / 2, checkpointing != "off") if shape else None,
+        peak_tflops=peak_tflops(hw),
     )
