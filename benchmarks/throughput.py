@@ -46,7 +46,6 @@ import sys
 import time
 import traceback
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +56,6 @@ ROW_MARK = "@@THROUGHPUT_ROW "
 PREPARE_MARK = "@@THROUGHPUT_PREPARE "
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R, LORA_ALPHA, LEARNING_RATE = 16, 32, 2e-4
-PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "unsloth_zoo", "bitsandbytes")
 
 SHAPES = {
     "qwen2.5-1.5b": dict(architecture="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -149,10 +147,7 @@ def build_model(model_dir: Path, shape_name: str, device: str) -> float:
     """Random-init bf16 model of the shape, built on `device`, saved (safetensors) with the tiny ChatML tokenizer."""
     import shutil
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from training_hub.tiny import build_tokenizer
+    from training_hub.tiny import build_tokenizer, save_random_model
 
     marker = model_dir / "benchmark_shape.json"
     if marker.exists() and json.loads(marker.read_text()).get("shape") == shape_name:
@@ -160,17 +155,7 @@ def build_model(model_dir: Path, shape_name: str, device: str) -> float:
     start = time.perf_counter()
     shutil.rmtree(model_dir, ignore_errors=True)
     tokenizer = build_tokenizer("chatml")
-    config = model_config(SHAPES[shape_name], tokenizer)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    save_random_model(model_config(SHAPES[shape_name], tokenizer), tokenizer, model_dir, device=device)
     marker.write_text(json.dumps({"shape": shape_name}))
     return time.perf_counter() - start
 
@@ -425,16 +410,6 @@ def run_child(args: list[str], log_path: Path, mark: str, timeout: float | None)
     return None, f"{why}: {' | '.join(tail)[-400:]}"
 
 
-def versions() -> dict:
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def add_derived(rows: list[dict], prep: dict) -> None:
     mean_doc = prep["data"]["mean_row_tokens"]
     by_name = {r["name"]: r for r in rows}
@@ -487,7 +462,7 @@ def render(bench: dict, prep: dict | None, rows: list[dict], goals: list[dict], 
     if prep:
         lines += [f"- date: {bench['date']}", f"- device: {prep['gpu_name']} (x{prep['gpu_count']} visible, one used)",
                   f"- bf16 matmul peak measured: {prep['peak_tflops']:.1f} TFLOP/s ({prep['matmul']})"]
-    lines += [f"- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+    lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
               f"- seq {bench['seq']}, {bench['batch']} sequences per optimizer step, {bench['warmup']} warm-up + "
               f"{bench['steps']} measured steps, LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(PROJECTIONS)} projections, "
               f"lr {LEARNING_RATE}" + (", base in 4-bit (every row)" if bench["mode"] == "qlora" else "")]
@@ -550,7 +525,9 @@ def main_parent(args) -> int:
              "tiny": args.tiny, "out": str(out), "work": str(work), "model_path": str(work / "model"),
              "data_path": str(work / "data.jsonl"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
-    vers = versions()
+    from training_hub.manifest import package_versions  # light: no torch
+
+    vers = {k: v for k, v in package_versions().items() if k != "training-hub"}
     start = time.perf_counter()
     print(f"throughput: preparing model {shape} and data in {work} ...", flush=True)
     prep, detail = run_child(["--run-prepare", "--out", str(out)], out / "logs" / "prepare.log", PREPARE_MARK, None)

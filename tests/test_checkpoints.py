@@ -199,6 +199,18 @@ def test_kill_and_resume_equals_the_uninterrupted_run(backend, tiny_model_factor
     assert (killed / "adapter_model.safetensors").read_bytes() == final
     assert step_losses(killed) == step_losses(whole)
 
+def sigterm_after_three_logged_steps(command: list[str], settings: dict, out: Path):
+    """Start a training job, send it SIGTERM once three steps are logged; returns (process, its stderr)."""
+    proc = subprocess.Popen(command + [json.dumps(settings)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "training_metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    return proc, stderr
+
+
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_factory, greeting_jsonl, tmp_path):
@@ -206,14 +218,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_factory, gre
     out = tmp_path / "out"
     settings = dict(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend="peft",
                     lora_r=4, max_steps=100000, save_steps=100000, learning_rate=1e-3, data_output_dir="none")
-    proc = subprocess.Popen([sys.executable, str(JOB), json.dumps(settings)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = out / "training_metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    proc, stderr = sigterm_after_three_logged_steps([sys.executable, str(JOB)], settings, out)
     assert proc.returncode != 0 and "Training stopped by SIGTERM" in stderr and "resume_from_checkpoint=True" in stderr
     (saved,) = out.glob("checkpoint-*")
     step = checkpoints.checkpoint_step(saved)
@@ -251,13 +256,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tiny_model_fac
                     lora_r=4, max_steps=100000, save_steps=100000, effective_batch_size=8, learning_rate=1e-3,
                     data_output_dir="none")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(JOB)]
-    proc = subprocess.Popen(launch + [json.dumps(settings)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "training_metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    proc, stderr = sigterm_after_three_logged_steps(launch, settings, out)
     assert proc.returncode != 0 and "Training stopped by SIGTERM" in stderr
     (saved,) = out.glob("checkpoint-*")
     assert checkpoints.is_complete(saved)

@@ -36,24 +36,15 @@ SHAPE = QWEN25_05B
 
 def build_base(out: Path, tokenizer, shape: dict | None = None, device: str | None = None) -> Path:
     """Random-init bf16 Qwen2 of `shape`, built directly on `device`, saved with `tokenizer`."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
+
+    from training_hub.tiny import save_random_model
 
     shape = shape or SHAPE
-    device = device or DEVICE
     # As in training_hub.tiny: 1/sqrt(hidden) instead of 0.02, so that what the LoRA learns shows in the loss.
     config = Qwen2Config(**shape, initializer_range=shape["hidden_size"] ** -0.5, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return save_random_model(config, tokenizer, out, device=device or DEVICE)
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,25 @@ def build_model(
     return model
 
 
+def save_random_model(config, tokenizer, output_dir: str | Path, device: str = "cpu", dtype: str = "bfloat16") -> Path:
+    """Build a randomly initialised causal LM from `config` directly on `device`, save it (safetensors) with
+    `tokenizer`, and free it. Used for benchmark- and GPU-test-sized models (billions of parameters)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return Path(output_dir)
+
+
 def save_tiny_model(
     output_dir: str | Path,
     architecture: Literal["qwen2", "llama"] = "qwen2",

@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .schema import ROLES, Message
+from .schema import Message
 
 # Turn roles accepted in `messages` and `conversations` lists (ShareGPT names map to ours).
 ROLE_ALIASES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
