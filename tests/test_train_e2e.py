@@ -104,3 +104,15 @@ def test_torchrun_two_processes(backend, tiny_model_factory, greeting_jsonl, tmp
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6], "metrics written by more than one rank"
     assert sum("train_loss" in r for r in rows) == 1
     check_adapter(out, base, r=16)
+
+
+def test_quickstart_command(tmp_path):
+    """The README's main job, shortened: trains offline, prints the loss and a generation, writes an adapter."""
+    out = tmp_path / "qs"
+    proc = subprocess.run([sys.executable, "-m", "training_hub.cli", "quickstart", "--output-dir", str(out),
+                           "--max-steps", "40"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "loss: step 10:" in proc.stdout and "assistant (trained adapter):" in proc.stdout
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    curve = losses(out / "adapter")
+    assert curve[-1] < curve[0]

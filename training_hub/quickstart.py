@@ -73,5 +73,5 @@ def run_quickstart(model: str | None = None, output_dir: str = "quickstart-outpu
           f"({result.metrics['tokens_per_second']:,.0f} tokens/s, backend {result.plan['backend']})")
     print(f"adapter: {result.adapter_path}")
     answer = generate(result.adapter_path, QUESTION)
-    print(f"\nuser: {QUESTION}\nassistant (trained adapter): {answer}")
+    print(f"\nuser: {QUESTION}\nassistant (trained adapter): {answer}\n(a question from the training data: the tiny model learns it, it does not generalise)")
     return 0
