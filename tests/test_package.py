@@ -44,3 +44,12 @@ def test_every_parameter_is_documented():
     doc = (Path(__file__).parents[1] / "docs" / "parameters.md").read_text()
     missing = [name for name in PARAMETER_NAMES if f"`{name}`" not in doc]
     assert not missing
+
+
+def test_cli_preview_marks_the_trained_text(tiny_model_factory, greeting_jsonl, capsys):
+    from training_hub.cli import main
+
+    assert main(["preview", "--data", str(greeting_jsonl), "--model", str(tiny_model_factory("qwen2", "chatml")),
+                 "--num-examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "48 of 48 rows kept" in out and "[[Hello, Alice! Nice to meet you.<|im_end|>]]" in out
