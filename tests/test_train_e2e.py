@@ -58,6 +58,7 @@ def test_lora_sft_trains_and_writes_a_peft_adapter(backend, architecture, tiny_m
         assert (out / name).exists(), name
     manifest = json.loads((out / "run_config.json").read_text())
     assert manifest["config"]["lora_r"] == 8 and manifest["versions"]["transformers"]
+    assert len(manifest["data"]["fingerprint"]) >= 16 and len(manifest["data"]["chat_template_sha256"]) == 64
     assert summary["metrics"]["tokens_per_second"] > 0 and summary["metrics"]["num_tokens"] > 0
     assert not (out / ".final-adapter.tmp").exists()
 

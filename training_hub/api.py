@@ -290,7 +290,7 @@ def _train(config: LoraSFTConfig, plan, tokenized, eval_tokenized, resume, finge
 
         loaded_model.tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     metrics_path = out / training.METRICS_FILE
-    config_path = manifest.write(out, config, plan, tokenized.summary, loaded_model)
+    config_path = manifest.write(out, config, plan, tokenized.summary, loaded_model, fingerprint)
     stop = checkpoints.StopRequest()
     guard = checkpoints.guard_callback(out, stop, config.to_dict(), fingerprint, config.save_total_limit,
                                        loss_scaler=plan.dtype == "float16")
@@ -307,7 +307,7 @@ def _train(config: LoraSFTConfig, plan, tokenized, eval_tokenized, resume, finge
     if config.save_merged:
         _save_merged(config, plan, out)
     trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
-    manifest.write(out, config, plan, tokenized.summary, loaded_model, metrics=metrics)
+    manifest.write(out, config, plan, tokenized.summary, loaded_model, fingerprint, metrics=metrics)
     mfu = f", MFU {metrics['mfu']:.1%} of {plan.peak_tflops:.0f} TFLOP/s" if "mfu" in metrics else ""
     memory = f", peak {metrics['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in metrics else ""
     log(f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "

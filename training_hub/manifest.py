@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -27,15 +28,24 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def write(out: Path, config, plan, summary, loaded_model, metrics: dict[str, Any] | None = None) -> Path:
-    """Write (or rewrite) the manifest atomically; rank 0 only."""
+def sha256(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else None
+
+
+def write(out: Path, config, plan, summary, loaded_model, data_fingerprint: str,
+          metrics: dict[str, Any] | None = None) -> Path:
+    """Write (or rewrite) the manifest atomically; rank 0 only.
+
+    `data_fingerprint` identifies the normalized data and its tokenization; with the chat template's hash,
+    the seed (in the config), the versions and the hardware it says what produced the adapter."""
     path = out / MANIFEST_FILE
     if not is_main_process():
         return path
     manifest = {
         "config": config.to_dict(),
         "plan": asdict(plan),
-        "data": summary.to_dict(),
+        "data": {**summary.to_dict(), "fingerprint": data_fingerprint,
+                 "chat_template_sha256": sha256(loaded_model.tokenizer.chat_template)},
         "model": {"target_modules": loaded_model.target_modules,
                   "trainable_parameters": loaded_model.trainable_parameters,
                   "total_parameters": loaded_model.total_parameters},
