@@ -57,6 +57,9 @@ def test_unknown_keyword_suggests_closest(tmp_path):
         (dict(target_modules=[]), "target_modules=[]"),
         (dict(nproc_per_node=4), "multi-GPU launch is not supported yet"),
         (dict(callbacks=[object()]), "expected a transformers.TrainerCallback"),
+        (dict(eval_steps=5), "evaluation needs eval_data_path"),
+        (dict(eval_split=1.5), "eval_split=1.5"),
+        (dict(eval_split=0.1, eval_data_path="e.jsonl"), "not both"),
     ],
 )
 def test_bad_values_are_named(kwargs, fragment):

@@ -38,14 +38,16 @@ def test_each_format_trains_from_jsonl_without_dataset_type(fmt, tiny_model_fact
     extra = {}
     if fmt == "messages":  # evaluation goes through the same pipeline
         extra = dict(eval_data_path=str(write_jsonl(tmp_path / "eval.jsonl", rows_for(fmt)[:4])), eval_steps=2)
+    if fmt == "alpaca":  # or is carved from the training rows
+        extra = dict(eval_split=0.25, eval_steps=2)
     summary = train(model_path=str(base), data_path=str(data), ckpt_output_dir=str(tmp_path / "out"), backend="peft",
                     max_steps=4, logging_steps=1, learning_rate=3e-3, save_steps=1000, warmup_steps=0,
                     data_output_dir="none", **extra)
     expected = "messages" if fmt == "messages" else fmt
     assert summary["data_summary"]["format"] == expected
-    assert summary["data_summary"]["rows_out"] == 16
+    assert summary["data_summary"]["rows_out"] == (12 if fmt == "alpaca" else 16)
     assert len(losses(tmp_path / "out")) == 4
-    if fmt == "messages":
+    if fmt in ("messages", "alpaca"):
         rows = [json.loads(line) for line in (tmp_path / "out" / "training_metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
 

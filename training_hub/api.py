@@ -70,6 +70,7 @@ def lora_sft(
     data_output_dir: str | None = None,
     eval_data_path: Any = None,
     eval_steps: int | None = None,
+    eval_split: float | None = None,
     num_epochs: int = 3,
     max_steps: int | None = None,
     effective_batch_size: int | None = None,
@@ -182,6 +183,9 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     loaded = data.load_examples(config.data_path, **_data_fields(config))
     log(f"data: {len(loaded)} rows, format {loaded.format} ({loaded.source})")
     eval_loaded = None
+    if config.eval_split is not None:
+        loaded, eval_loaded = data.split_examples(loaded, config.eval_split, config.seed)
+        log(f"eval data: {eval_loaded.source}")
     if config.eval_data_path is not None:
         eval_loaded = data.load_examples(config.eval_data_path, **_data_fields(config))
         log(f"eval data: {len(eval_loaded)} rows, format {eval_loaded.format} ({eval_loaded.source})")

@@ -209,3 +209,16 @@ def test_hub_name_goes_to_load_dataset(monkeypatch):
     assert "Hub dataset someone/some-data" in loaded.source
     with pytest.raises(DataError, match="not found: someone/data.jsonl"):
         load_examples("someone/data.jsonl")
+
+
+def test_split_examples_is_seeded_and_disjoint():
+    from training_hub.data import split_examples
+
+    rows = [{"text": f"row {i}"} for i in range(20)]
+    loaded = load_examples(rows)
+    train, held = split_examples(loaded, 0.25, seed=1)
+    again_train, again_held = split_examples(loaded, 0.25, seed=1)
+    assert len(held.examples) == 5 and len(train.examples) == 15
+    assert [e.text for e in held.examples] == [e.text for e in again_held.examples]
+    assert not {e.text for e in held.examples} & {e.text for e in train.examples}
+    assert train.fingerprint != loaded.fingerprint

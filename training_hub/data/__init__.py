@@ -4,7 +4,7 @@ Importing this package is light: ``datasets``, ``transformers`` and ``pyarrow`` 
 the functions that need them.
 """
 
-from .loading import load_examples
+from .loading import load_examples, split_examples
 from .masking import FALLBACK_CHAT_TEMPLATE, format_example
 from .pipeline import tokenize_examples
 from .schema import (
@@ -30,5 +30,6 @@ __all__ = [
     "TokenizedData",
     "format_example",
     "load_examples",
+    "split_examples",
     "tokenize_examples",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 import re
 import sys
 from collections import Counter
@@ -126,6 +127,23 @@ def fingerprint(examples: list[Example], fmt: str) -> str:
                                  separators=(",", ":")).encode())
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+def split_examples(loaded: LoadedData, fraction: float, seed: int) -> tuple[LoadedData, LoadedData]:
+    """Hold out `fraction` of the rows (at least one, seeded, order otherwise kept) for evaluation.
+
+    Returns (train, eval). Fewer than two rows cannot be split.
+    """
+    n = len(loaded.examples)
+    if n < 2:
+        raise DataError(f"{loaded.source}: eval_split needs at least 2 rows, found {n}")
+    n_eval = min(n - 1, max(1, round(n * fraction)))
+    chosen = set(random.Random(seed).sample(range(n), n_eval))
+    train = [ex for i, ex in enumerate(loaded.examples) if i not in chosen]
+    held = [ex for i, ex in enumerate(loaded.examples) if i in chosen]
+    return (LoadedData(train, loaded.format, loaded.source, fingerprint(train, loaded.format)),
+            LoadedData(held, loaded.format, f"{loaded.source} (eval_split {fraction:g}: {n_eval} rows)",
+                       fingerprint(held, loaded.format)))
 
 
 # --- reading -------------------------------------------------------------------------------------------
