@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -292,9 +293,16 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         p.append("bf16 and fp16 are both True: choose one (or neither, to let training_hub pick for the hardware)")
     if c.use_dora and c.load_in_8bit:
         p.append("use_dora with load_in_8bit is not supported by PEFT: use load_in_4bit or 16-bit")
-    if c.nproc_per_node not in (None, 1, "auto", "gpu"):
-        p.append(f"nproc_per_node={c.nproc_per_node!r}: multi-GPU launch is not supported yet; run one process "
-                 "(nproc_per_node=None or 1), or launch your script with torchrun")
+    launched = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if c.nproc_per_node is not None and c.nproc_per_node != launched:
+        p.append(f"nproc_per_node={c.nproc_per_node!r}: launching the processes from lora_sft is not supported yet, and "
+                 f"this launch has {launched} process(es) per node; run `torchrun --nproc-per-node N script.py` "
+                 "and leave nproc_per_node unset (or equal to N)")
+    if not c.load_in_4bit:
+        ignored = [n for n in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
+                   if getattr(c, n) != LoraSFTConfig.__dataclass_fields__[n].default]
+        if ignored:
+            p.append(f"{', '.join(ignored)} set without load_in_4bit=True: they only apply to 4-bit loading")
     if c.callbacks is not None:
         p += _callback_problems(c.callbacks)
     if c.overwrite_output_dir and c.resume_from_checkpoint not in (None, False):
