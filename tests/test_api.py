@@ -47,3 +47,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_factory, greeting
     assert result.model is None and result.plan["micro_batch_size"] * result.plan["gradient_accumulation_steps"] == 8
     assert result.data_summary["rows_out"] == 48
     assert not out.exists()
+
+
+def test_resumed_throughput_counts_only_this_sessions_tokens():
+    from types import SimpleNamespace
+
+    from training_hub.api import _final_metrics
+
+    state = SimpleNamespace(num_input_tokens_seen=1000, global_step=10)
+    plan = SimpleNamespace(flops_per_token=None, peak_tflops=None, device="cpu")
+    metrics = _final_metrics({"train_runtime": 2.0}, state, plan, tokens_before=600)
+    assert metrics["num_tokens"] == 1000 and metrics["tokens_per_second"] == 200.0

@@ -303,10 +303,11 @@ def _train(config: LoraSFTConfig, plan, tokenized, eval_tokenized, resume, finge
     trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, eval_dataset,
                                      config, plan, out, callbacks)
     start = str(resume.checkpoint) if resume is not None and resume.checkpoint is not None else None
+    tokens_before = _tokens_seen(Path(start)) if start else 0  # read now: rotation may delete the checkpoint
     with checkpoints.stop_on_signals(stop):
         output = trainer.train(resume_from_checkpoint=start)
     _raise_if_stopped(stop, out, config, plan)
-    metrics = _final_metrics(output.metrics, trainer.state, plan, metrics_path if start else None)
+    metrics = _final_metrics(output.metrics, trainer.state, plan, metrics_path if start else None, tokens_before)
     _save_adapter(trainer, loaded_model.tokenizer, out)
     if config.save_merged:
         _save_merged(config, plan, out)
@@ -383,7 +384,14 @@ def _save_merged(config: LoraSFTConfig, plan, out: Path) -> None:
         log(f"merged {dtype} model in {merged}")
 
 
-def _final_metrics(train_metrics: dict[str, Any], state, plan, resumed_metrics: Path | None = None) -> dict[str, Any]:
+def _tokens_seen(checkpoint: Path) -> int:
+    """Tokens the run had seen when `checkpoint` was written (its trainer_state.json)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return int(state.get("num_input_tokens_seen") or 0)
+
+
+def _final_metrics(train_metrics: dict[str, Any], state, plan, resumed_metrics: Path | None = None,
+                   tokens_before: int = 0) -> dict[str, Any]:
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in train_metrics.items()}
     if resumed_metrics is not None:  # the Trainer averages only the steps of this process over all steps
         from .checkpoints import resumed_train_loss
@@ -391,8 +399,9 @@ def _final_metrics(train_metrics: dict[str, Any], state, plan, resumed_metrics: 
         metrics["train_loss"] = resumed_train_loss(resumed_metrics) or metrics.get("train_loss")
     runtime = metrics.get("train_runtime") or 0.0
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    this_session = tokens - tokens_before  # a resumed run's runtime covers only the steps after the checkpoint
     metrics.update(global_step=state.global_step, num_tokens=tokens,
-                   tokens_per_second=tokens / runtime if runtime else 0.0)
+                   tokens_per_second=this_session / runtime if runtime else 0.0)
     if plan.flops_per_token and plan.peak_tflops:
         metrics["mfu"] = metrics["tokens_per_second"] * plan.flops_per_token / (plan.peak_tflops * 1e12)
     if plan.device == "cuda":
