@@ -60,6 +60,7 @@ def test_unknown_keyword_suggests_closest(tmp_path):
         (dict(bnb_4bit_quant_type="fp4"), "set without load_in_4bit=True"),
         (dict(callbacks=[object()]), "expected a transformers.TrainerCallback"),
         (dict(eval_steps=5), "evaluation needs eval_data_path"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
         (dict(eval_split=1.5), "eval_split=1.5"),
         (dict(eval_split=0.1, eval_data_path="e.jsonl"), "not both"),
     ],

@@ -192,7 +192,7 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     backend = _resolve_backend(config.backend, import_unsloth)
     if backend == "unsloth" and config.lora_adapter is not None:
         _raise_problems(unsloth_problems(config.lora_adapter))
-    plan, tokenized, eval_tokenized = _plan_and_tokenize(config, loaded, eval_loaded, backend)
+    plan, tokenized, eval_tokenized, tokenizer = _plan_and_tokenize(config, loaded, eval_loaded, backend)
     fingerprint = checkpoints.data_fingerprint(loaded.fingerprint, tokenized.summary.to_dict())
     if resume is not None:
         _raise_problems(checkpoints.resume_data_problems(resume, fingerprint))
@@ -200,7 +200,7 @@ def run(config: LoraSFTConfig) -> TrainingResult:
         return _dry_run_result(config, plan, tokenized)
     if resume is not None and resume.checkpoint is not None and resume.step >= (config.max_steps or float("inf")):
         return _finish_from_checkpoint(config, plan, tokenized, resume.checkpoint)
-    return _train(config, plan, tokenized, eval_tokenized, resume, fingerprint)
+    return _train(config, plan, tokenizer, tokenized, eval_tokenized, resume, fingerprint)
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -230,7 +230,7 @@ def _resolve_backend(requested: str, import_unsloth) -> str:
 
 def _plan_and_tokenize(config: LoraSFTConfig, loaded, eval_loaded, backend: str):
     """Load the tokenizer, make the plan (errors before tokenizing), tokenize the training (and evaluation) data
-    the same way, refine the plan to the data. Returns (plan, tokenized, eval_tokenized or None)."""
+    the same way, refine the plan to the data. Returns (plan, tokenized, eval_tokenized or None, tokenizer)."""
     from transformers import AutoConfig
 
     from . import data, hardware
@@ -253,7 +253,7 @@ def _plan_and_tokenize(config: LoraSFTConfig, loaded, eval_loaded, backend: str)
     plan = make_plan(config, hw, backend, shape, seq_len, hardware.world_size(),
                      mean_row_tokens=summary.tokens_total / max(1, summary.rows_out))
     log(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
-    return plan, tokenized, eval_tokenized
+    return plan, tokenized, eval_tokenized, tokenizer
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
@@ -279,14 +279,14 @@ def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
                           config_path=out / "run_config.json", plan=asdict(plan), data_summary=tokenized.summary.to_dict())
 
 
-def _train(config: LoraSFTConfig, plan, tokenized, eval_tokenized, resume, fingerprint: str) -> TrainingResult:
+def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, resume, fingerprint: str) -> TrainingResult:
     from dataclasses import asdict
 
     from . import checkpoints, manifest, training
     from .models import load_model
 
     out = _prepare_output(config, resume)
-    loaded_model = load_model(config, plan)
+    loaded_model = load_model(config, plan, tokenizer)
     log(loaded_model.describe())
     if loaded_model.tokenizer.chat_template is None and tokenized.summary.format not in ("text", "passthrough"):
         # The data was rendered with the fallback template: save it so generation uses the same format.

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from .data.schema import DatasetType
+from .data.schema import TruncationMode as Truncation
+
 Backend = Literal["auto", "unsloth", "peft"]
-DatasetType = Literal[
-    "auto", "messages", "chat_template", "alpaca", "sharegpt", "prompt_completion", "text", "passthrough"
-]
-Truncation = Literal["truncate", "drop", "error"]
 GradientCheckpointing = Union[bool, Literal["auto", "offload"]]
 LrScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -32,7 +31,9 @@ Optimizer = Literal[
     "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
     "paged_adamw_32bit", "adafactor", "sgd", "adagrad", "rmsprop", "lion_8bit", "paged_lion_8bit",
 ]
-InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora", "eva", "orthogonal"]]
+# PiSSA/OLoRA rewrite the base weights (the saved adapter would need the modified base) and EVA needs a data
+# pass before training: not offered rather than half honoured.
+InitLoraWeights = Union[bool, Literal["gaussian"]]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 
 

@@ -88,12 +88,13 @@ def count_parameters(model) -> tuple[int, int]:
     return int(trainable), int(total)
 
 
-def load_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
-    """Load the base model for `plan.backend` and wrap it with LoRA."""
+def load_model(config: LoraSFTConfig, plan: RunPlan, tokenizer) -> LoadedModel:
+    """Load the base model for `plan.backend` and wrap it with LoRA. `tokenizer` is the one the data was
+    tokenized with (pad-token policy applied): it is the one trained with and saved, on both backends."""
     if plan.backend == "unsloth":
         from .unsloth import load_unsloth_model
 
-        return load_unsloth_model(config, plan)
+        return load_unsloth_model(config, plan, tokenizer)
     from .peft import load_peft_model
 
-    return load_peft_model(config, plan)
+    return load_peft_model(config, plan, tokenizer)

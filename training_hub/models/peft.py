@@ -9,10 +9,10 @@ from .common import LoadedModel, check_quantized, count_parameters, device_map, 
 from .targets import check_targets_exist, linear_projection_names
 
 
-def load_peft_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
+def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer) -> LoadedModel:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quant = quantization_config(config, plan.dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -24,7 +24,6 @@ def load_peft_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
         trust_remote_code=config.trust_remote_code,
     )
     check_quantized(model, config)
-    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
     if quant is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing != "off",

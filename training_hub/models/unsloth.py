@@ -41,7 +41,7 @@ def gradient_checkpointing_argument(mode: str):
     return {"off": False, "on": True, "offload": "unsloth"}[mode]
 
 
-def load_unsloth_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
+def load_unsloth_model(config: LoraSFTConfig, plan: RunPlan, tokenizer) -> LoadedModel:
     reason = import_unsloth()
     if reason is not None:
         raise ImportError(f"backend='unsloth' but Unsloth could not be imported ({reason}). {INSTALL_HINT}")
@@ -49,7 +49,7 @@ def load_unsloth_model(config: LoraSFTConfig, plan: RunPlan) -> LoadedModel:
 
     quant = quantization_config(config, plan.dtype)
     extra = {"quantization_config": quant} if quant is not None else {}
-    model, tokenizer = FastLanguageModel.from_pretrained(
+    model, _ = FastLanguageModel.from_pretrained(  # its own tokenizer copy is not used: ours tokenized the data
         model_name=config.model_path,
         max_seq_length=config.max_seq_len,
         dtype=torch_dtype(plan.dtype),
