@@ -71,6 +71,11 @@ def test_bad_values_are_named(kwargs, fragment):
     assert fragment in str(info.value)
 
 
+def test_missing_local_model_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="model_path=.*no such folder"):
+        LoraSFTConfig(model_path=str(tmp_path / "nope"), data_path="d.jsonl", ckpt_output_dir="out")
+
+
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as info:
         LoraSFTConfig(**REQUIRED, lora_r=0, num_epochs=0, max_grad_norm=-1.0)

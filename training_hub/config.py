@@ -265,6 +265,9 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
     for name in ("model_path", "ckpt_output_dir"):
         if not str(getattr(c, name)).strip():
             p.append(f"{name} is empty: give a path (or, for model_path, a hub id)")
+    model = str(c.model_path)
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        p.append(f"model_path={model!r}: no such folder (give a local model folder, or a hub id like 'Qwen/Qwen2.5-1.5B')")
     if c.data_path is None or (isinstance(c.data_path, str) and not c.data_path.strip()):
         p.append("data_path is empty: give a .jsonl/.json/.parquet/.csv file, a folder, a list of dicts or a Dataset")
     p += _positive(c, ["lora_r", "lora_alpha", "num_epochs", "learning_rate", "max_seq_len", "save_steps", "logging_steps"])
