@@ -128,3 +128,20 @@ def test_flops_and_peak_for_mfu():
     p = plan(H100, shape=LLAMA_8B, effective_batch_size=8)
     assert p.peak_tflops == 989.0 and p.flops_per_token == LLAMA_8B.flops_per_token(1024, False)
     assert plan().peak_tflops is None
+
+
+@pytest.mark.parametrize(
+    "installed, backend, expected",
+    [
+        (dict(flash_attn_installed=True, xformers_installed=True), "unsloth", "FlashAttention 2"),
+        (dict(xformers_installed=True), "unsloth", "xformers through Unsloth"),
+        ({}, "unsloth", "one SDPA call per document length"),
+        (dict(xformers_installed=True), "peft", "PyTorch SDPA (flash_attn not installed)"),
+    ],
+)
+def test_attention_note_names_the_kernel_that_runs(installed, backend, expected):
+    from dataclasses import replace
+
+    p = plan(replace(H100, **installed), backend=backend, shape=LLAMA_8B)
+    assert any(n.startswith("attention:") and expected in n for n in p.notes), p.notes
+    assert p.attn_implementation == ("flash_attention_2" if installed.get("flash_attn_installed") else "sdpa")

@@ -68,6 +68,7 @@ def lora_sft(
     max_seq_len: int = 2048,
     sample_packing: bool | None = None,
     data_output_dir: str | None = None,
+    dataloader_num_workers: int = 0,
     eval_data_path: Any = None,
     eval_steps: int | None = None,
     eval_split: float | None = None,
@@ -145,7 +146,8 @@ def lora_sft(
             gradient_accumulation_steps (int | None): give any two (or one); the rest is derived
             (x world size). Nothing given: micro 2, accumulation 1.
         max_seq_len (int, 2048), truncation ("truncate" | "drop" | "error"), train_on_inputs (False: loss on
-            assistant tokens only), sample_packing (None: on with a GPU, off on the CPU).
+            assistant tokens only), sample_packing (None: on with a GPU, off on the CPU),
+            dataloader_num_workers (int, 0: batches are collated in the training process).
         load_in_4bit / load_in_8bit (False), bnb_4bit_*: QLoRA. bf16 / fp16 / tf32 (None: bf16 on GPUs that
             have it, fp32 on the CPU). gradient_checkpointing ("auto" | True | False | "offload").
         save_steps (500), save_total_limit (3), logging_steps (1), callbacks (TrainerCallbacks).

@@ -80,6 +80,7 @@ class LoraSFTConfig:
     max_seq_len: int = 2048
     sample_packing: bool | None = None
     data_output_dir: str | None = None
+    dataloader_num_workers: int = 0
     eval_data_path: Any = None
     eval_steps: int | None = None
     eval_split: float | None = None
@@ -272,7 +273,7 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         p.append("data_path is empty: give a .jsonl/.json/.parquet/.csv file, a folder, a list of dicts or a Dataset")
     p += _positive(c, ["lora_r", "lora_alpha", "num_epochs", "learning_rate", "max_seq_len", "save_steps", "logging_steps"])
     p += _positive(c, ["max_steps", "effective_batch_size", "gradient_accumulation_steps", "save_total_limit"], allow_none=True)
-    p += _positive(c, ["warmup_steps", "weight_decay", "max_grad_norm"], allow_zero=True)
+    p += _positive(c, ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"], allow_zero=True)
     if c.micro_batch_size is not None and c.micro_batch_size != "auto":
         p += _positive(c, ["micro_batch_size"])
     if not 0.0 <= c.lora_dropout < 1.0:

@@ -18,6 +18,7 @@ class Hardware:
     total_memory_gib: float | None = None
     free_memory_gib: float | None = None
     flash_attn_installed: bool = False
+    xformers_installed: bool = False
     bitsandbytes_installed: bool = False
 
     @property
@@ -49,6 +50,7 @@ def detect() -> Hardware:
 
     common = dict(
         flash_attn_installed=importlib.util.find_spec("flash_attn") is not None,
+        xformers_installed=importlib.util.find_spec("xformers") is not None,
         bitsandbytes_installed=importlib.util.find_spec("bitsandbytes") is not None,
     )
     if not torch.cuda.is_available():

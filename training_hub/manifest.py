@@ -15,7 +15,7 @@ from .hardware import is_main_process
 
 MANIFEST_FILE = "run_config.json"
 PACKAGES = ("training-hub", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth",
-            "unsloth_zoo", "bitsandbytes")
+            "unsloth_zoo", "bitsandbytes", "xformers", "flash_attn")
 
 
 def package_versions() -> dict[str, str | None]:

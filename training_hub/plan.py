@@ -200,7 +200,14 @@ def resolve_optimizer(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[st
     return "adamw_torch_fused", ["optimizer adamw_torch_fused (CPU default)"]
 
 
-def resolve_attention(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[str]]:
+def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str, packing: bool) -> tuple[str, list[str]]:
+    """The model's `attn_implementation`, and a note naming the kernel that will actually run.
+
+    With Unsloth the kernel is Unsloth's choice: FlashAttention when installed, else xformers, else SDPA.
+    For packed (padding-free) batches that matters: without FlashAttention or xformers, Unsloth on
+    torch < 2.12 runs one SDPA call per run of equal document lengths, which is launch-bound
+    (docs/benchmarks.md measures it).
+    """
     if config.flash_attention and not hw.is_gpu:
         raise ConfigError(["flash_attention=True: FlashAttention needs a CUDA GPU; leave it unset on the CPU"])
     if config.flash_attention and not hw.flash_attn_installed:
@@ -209,6 +216,11 @@ def resolve_attention(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[st
     if hw.is_gpu and hw.flash_attn_installed and config.flash_attention is not False:
         return "flash_attention_2", ["attention: FlashAttention 2 (installed)"]
     reason = "flash_attention=False" if config.flash_attention is False else "flash_attn not installed" if hw.is_gpu else "CPU"
+    if hw.is_gpu and backend == "unsloth" and hw.xformers_installed and not hw.flash_attn_installed:
+        return "sdpa", [f"attention: xformers through Unsloth ({reason}; one block-diagonal kernel per packed batch)"]
+    if hw.is_gpu and backend == "unsloth" and packing:
+        return "sdpa", [f"attention: PyTorch SDPA ({reason}; xformers not installed either, so packed batches run "
+                        "one SDPA call per document length: pip install xformers is faster)"]
     return "sdpa", [f"attention: PyTorch SDPA ({reason})"]
 
 
@@ -241,7 +253,7 @@ def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelSha
         config.effective_batch_size, config.micro_batch_size, config.gradient_accumulation_steps, world, max_micro)
     packing, pack_notes = resolve_packing(config, hw, backend)
     optim, optim_notes = resolve_optimizer(config, hw)
-    attention, attn_notes = resolve_attention(config, hw)
+    attention, attn_notes = resolve_attention(config, hw, backend, packing)
     return RunPlan(
         backend=backend, device=hw.device, dtype=dtype, tf32=config.tf32, world_size=world,
         micro_batch_size=micro, gradient_accumulation_steps=accumulation, effective_batch_size=effective,

@@ -54,6 +54,7 @@ def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, eva
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=plan.device == "cuda",
+        dataloader_num_workers=config.dataloader_num_workers,
         ddp_find_unused_parameters=False if plan.world_size > 1 else None,
         remove_unused_columns=True,
     )
