@@ -240,8 +240,25 @@ def prepare(bench: dict) -> dict:
 # One row (own subprocess)
 # --------------------------------------------------------------------------------------------------------
 
-def make_timer(cuda: bool):
-    """A TrainerCallback with a timestamp and token counts at every optimizer step. Import after Unsloth."""
+PROFILED_STEPS = 2
+
+
+def write_profile(prof, path: Path, wall_seconds: float) -> None:
+    """The top operators by GPU and by CPU time, and how busy the GPU was, for the profiled steps."""
+    averages = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
+    lines = [f"profiled {PROFILED_STEPS} optimizer steps (inside the warm-up): wall {wall_seconds:.3f} s, "
+             f"GPU kernel time {device_us / 1e6:.3f} s ({device_us / 1e6 / wall_seconds:.0%} of wall)", ""]
+    for key in ("self_device_time_total", "self_cpu_time_total"):
+        lines += [f"== by {key}", averages.table(sort_by=key, row_limit=40, max_name_column_width=90), ""]
+    path.write_text("\n".join(lines))
+
+
+def make_timer(cuda: bool, profile_path: Path | None = None, warmup: int = 0):
+    """A TrainerCallback with a timestamp and token counts at every optimizer step. Import after Unsloth.
+
+    With `profile_path`, the last PROFILED_STEPS warm-up steps run under torch.profiler (so the measured
+    steps are not slowed) and its summary is written there."""
     import torch
     from transformers import TrainerCallback
 
@@ -268,10 +285,24 @@ def make_timer(cuda: bool):
                 self.load_peak = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
             self.marks.append(self._mark(state))
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile_path is not None and state.global_step == warmup - PROFILED_STEPS:
+                from torch.profiler import ProfilerActivity, profile
+
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                self.profiler = profile(activities=activities)
+                self.profiler.__enter__()
+                self.profile_start = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
             self.marks.append(self._mark(state))
+            if getattr(self, "profiler", None) is not None and state.global_step == warmup:
+                wall = time.perf_counter() - self.profile_start
+                self.profiler.__exit__(None, None, None)
+                write_profile(self.profiler, profile_path, wall)
+                self.profiler = None
 
         def _mark(self, state) -> dict:
             now = time.perf_counter()
@@ -365,10 +396,16 @@ def public_hub_row(bench: dict, timer, cuda: bool, run_name: str = "c") -> dict:
             "train_loss": output.metrics.get("train_loss")}
 
 
+def row_kind(name: str) -> str:
+    """`a#2` is a second run of row a (e.g. to see whether the order of rows matters)."""
+    return name.split("#")[0]
+
+
 def run_row(name: str, bench: dict) -> dict:
     report: dict = {"name": name}
-    lever = LEVERS.get(name, {})
-    base = lever.get("base", name)
+    kind = row_kind(name)
+    lever = LEVERS.get(kind, {})
+    base = lever.get("base", kind)
     for module in lever.get("hide", []):
         sys.modules[module] = None  # an import of it now raises ImportError, as if it were not installed
     os.environ.update(lever.get("env", {}))
@@ -386,7 +423,8 @@ def run_row(name: str, bench: dict) -> dict:
     cuda = torch.cuda.is_available()
     timer = None
     try:
-        timer = make_timer(cuda)
+        profile_path = Path(bench["out"]) / "logs" / f"{name}.profile.txt" if bench.get("profile") else None
+        timer = make_timer(cuda, profile_path, bench["warmup"])
         if base == "c":
             report.update(public_hub_row(bench, timer, cuda, run_name=name))
         else:
@@ -503,7 +541,8 @@ def render(bench: dict, prep: dict | None, rows: list[dict], goals: list[dict], 
     lines += ["", "| row | tokens/s | peak GiB (alloc / reserved) | MFU | vs (c) | vs (b) | plan |",
               "|---|---:|---:|---:|---:|---:|---|"]
     for row in rows:
-        title = ROW_TITLES.get(row["name"], row["name"])
+        title = ROW_TITLES.get(row_kind(row["name"]), row["name"]) + (" (run " + row["name"].split("#")[1] + ")"
+                                                                    if "#" in row["name"] else "")
         if row.get("error"):
             peak = fmt(row.get("peak_alloc_gib"), ".1f")
             status = "skipped" if row["error"].startswith("skipped") else "failed"
@@ -546,11 +585,11 @@ def main_parent(args) -> int:
         raise SystemExit("--warmup and --steps must be at least 1 (the timing starts at the end of the warm-up)")
     default_rows = "a,c,lowmem,b" if args.mode == "qlora" else "a,c,b"  # the slowest row last
     names = [r.strip() for r in (args.rows or default_rows).split(",") if r.strip()]
-    unknown = [r for r in names if r not in ROW_TITLES]
+    unknown = [r for r in names if row_kind(r) not in ROW_TITLES]
     if unknown or ("lowmem" in names and args.mode != "qlora"):
         raise SystemExit(f"--rows: unknown {unknown} (valid: {list(ROW_TITLES)}; lowmem needs --mode qlora)")
     bench = {"shape": shape, "mode": args.mode, "seq": seq, "steps": steps, "warmup": warmup, "batch": args.batch,
-             "tiny": args.tiny, "out": str(out), "work": str(work), "model_path": str(work / "model"),
+             "tiny": args.tiny, "profile": args.profile, "out": str(out), "work": str(work), "model_path": str(work / "model"),
              "data_path": str(work / "data.jsonl"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
     from training_hub.manifest import package_versions  # light: no torch
@@ -567,7 +606,7 @@ def main_parent(args) -> int:
           f"[{time.perf_counter() - start:.0f} s]", flush=True)
     rows: list[dict] = []
     for name in names:
-        if name == "lowmem" and prep["device"] != "cuda":
+        if row_kind(name) == "lowmem" and prep["device"] != "cuda":
             rows.append({"name": name, "error": "skipped: the low-memory QLoRA row needs a GPU"})
             continue
         row_start = time.perf_counter()
@@ -602,6 +641,8 @@ def main() -> int:
     parser.add_argument("--work", help="folder for the model, data and adapters (default: --out); keep the "
                         "multi-GiB model out of a folder whose files are copied back")
     parser.add_argument("--tiny", action="store_true", help="smoke run: hidden-64 model, seq 128, 2+3 steps")
+    parser.add_argument("--profile", action="store_true", help=f"profile the last {PROFILED_STEPS} warm-up steps of "
+                        "each row with torch.profiler (logs/ROW.profile.txt); the measured steps are not profiled")
     parser.add_argument("--row-timeout", type=float, default=0, help="seconds per row before it is killed (0: none)")
     parser.add_argument("--run-row", help=argparse.SUPPRESS)
     parser.add_argument("--run-prepare", action="store_true", help=argparse.SUPPRESS)
