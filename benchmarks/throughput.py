@@ -78,17 +78,21 @@ ROW_TITLES = {
 }
 
 # Lever rows: row a (or c) with one thing changed, each in its own process like every row (issue 5 asks for each
-# lever to be measured, not assumed). `hide` makes an installed package unimportable in the row's process;
-# `env` is set before Unsloth is imported (these are Unsloth's own switches).
+# lever to be measured, not assumed). `env` is set before Unsloth is imported (these are Unsloth's own switches);
+# `plan_constants` replace one of plan.py's rules; `sdpa_backends` scope torch's SDPA choice for row (c).
 LEVERS = {
-    "a-sdpa": dict(base="a", hide=["xformers"], title="(a) without xformers (Unsloth's per-length SDPA for packed batches)"),
     "a-unpacked": dict(base="a", overrides={"sample_packing": False}, title="(a) with sample_packing=False"),
     "a-adamw": dict(base="a", overrides={"optim": "adamw_torch_fused"}, title="(a) with optim adamw_torch_fused"),
     "a-workers": dict(base="a", overrides={"dataloader_num_workers": 4}, title="(a) with 4 dataloader workers"),
     "a-nocompile": dict(base="a", env={"UNSLOTH_BLOCK_COMPILE": "0"}, title="(a) without Unsloth's per-block compile"),
     "a-nochunkce": dict(base="a", env={"UNSLOTH_CHUNKED_CE": "0"}, title="(a) without Unsloth's chunked cross-entropy"),
     "a-ckpt": dict(base="a", overrides={"gradient_checkpointing": True}, title="(a) with gradient checkpointing on"),
-    "c-sdpa": dict(base="c", hide=["xformers"], title="(c) without xformers"),
+    # training_hub trains packed Unsloth batches on flash / memory-efficient SDPA (plan.PACKED_SDPA_BACKENDS);
+    # these two rows swap that choice between (a) and (c).
+    "a-cudnn": dict(base="a", plan_constants={"PACKED_SDPA_BACKENDS": None},
+                    title="(a) with torch's own SDPA choice (cuDNN included; the default before 2026-11-23)"),
+    "c-flash": dict(base="c", sdpa_backends=["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
+                    title="(c) trained under flash / memory-efficient SDPA like (a)"),
 }
 for _name, _lever in LEVERS.items():
     ROW_TITLES[_name] = _lever["title"]
@@ -303,6 +307,7 @@ def make_timer(cuda: bool, profile_path: Path | None = None, warmup: int = 0):
                 self.profiler.__exit__(None, None, None)
                 write_profile(self.profiler, profile_path, wall)
                 self.profiler = None
+                self.marks[-1] = self._mark(state)  # the next step's time starts after the profile is written
 
         def _mark(self, state) -> dict:
             now = time.perf_counter()
@@ -406,11 +411,10 @@ def run_row(name: str, bench: dict) -> dict:
     kind = row_kind(name)
     lever = LEVERS.get(kind, {})
     base = lever.get("base", kind)
-    for module in lever.get("hide", []):
-        sys.modules[module] = None  # an import of it now raises ImportError, as if it were not installed
     os.environ.update(lever.get("env", {}))
     if lever:
-        report["lever"] = {k: lever.get(k) for k in ("base", "hide", "env", "overrides") if lever.get(k)}
+        report["lever"] = {k: lever.get(k) for k in ("base", "env", "overrides", "sdpa_backends", "plan_constants")
+                           if lever.get(k)}
     if base in ("a", "c", "lowmem"):
         from training_hub.models.unsloth import import_unsloth
 
@@ -420,15 +424,21 @@ def run_row(name: str, bench: dict) -> dict:
             return report
     import torch
 
+    from training_hub import plan as plan_module
+    from training_hub.training import sdpa_backends
+
+    for constant, value in lever.get("plan_constants", {}).items():  # a lever on one of plan.py's rules
+        setattr(plan_module, constant, value)
     cuda = torch.cuda.is_available()
     timer = None
     try:
         profile_path = Path(bench["out"]) / "logs" / f"{name}.profile.txt" if bench.get("profile") else None
         timer = make_timer(cuda, profile_path, bench["warmup"])
-        if base == "c":
-            report.update(public_hub_row(bench, timer, cuda, run_name=name))
-        else:
-            report.update(lora_sft_row(base, bench, timer, lever.get("overrides"), run_name=name))
+        with sdpa_backends(lever.get("sdpa_backends")):
+            if base == "c":
+                report.update(public_hub_row(bench, timer, cuda, run_name=name))
+            else:
+                report.update(lora_sft_row(base, bench, timer, lever.get("overrides"), run_name=name))
         measured = measure(timer, bench["warmup"])
         report.update(measured)
     except Exception as exc:  # an OOM or a failure is reported in the table; the other rows still run

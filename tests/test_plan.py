@@ -133,10 +133,10 @@ def test_flops_and_peak_for_mfu():
 @pytest.mark.parametrize(
     "installed, backend, expected",
     [
-        (dict(flash_attn_installed=True, xformers_installed=True), "unsloth", "FlashAttention 2"),
-        (dict(xformers_installed=True), "unsloth", "xformers through Unsloth"),
-        ({}, "unsloth", "one SDPA call per document length"),
-        (dict(xformers_installed=True), "peft", "PyTorch SDPA (flash_attn not installed)"),
+        (dict(flash_attn_installed=True, xformers_usable=True), "unsloth", "FlashAttention 2"),
+        (dict(xformers_usable=True), "unsloth", "xformers through Unsloth"),
+        ({}, "unsloth", "flash / memory-efficient kernels only"),
+        (dict(xformers_usable=True), "peft", "PyTorch SDPA (flash_attn not installed)"),
     ],
 )
 def test_attention_note_names_the_kernel_that_runs(installed, backend, expected):
@@ -145,3 +145,10 @@ def test_attention_note_names_the_kernel_that_runs(installed, backend, expected)
     p = plan(replace(H100, **installed), backend=backend, shape=LLAMA_8B)
     assert any(n.startswith("attention:") and expected in n for n in p.notes), p.notes
     assert p.attn_implementation == ("flash_attention_2" if installed.get("flash_attn_installed") else "sdpa")
+    # cuDNN is left out only where Unsloth runs packed attention as one SDPA call per document length
+    assert (p.sdpa_backends is not None) == (expected == "flash / memory-efficient kernels only")
+
+
+def test_unpacked_or_cpu_runs_keep_torchs_sdpa_choice():
+    assert plan(H100, shape=LLAMA_8B, sample_packing=False).sdpa_backends is None
+    assert plan(CPU).sdpa_backends is None

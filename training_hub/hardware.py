@@ -18,7 +18,7 @@ class Hardware:
     total_memory_gib: float | None = None
     free_memory_gib: float | None = None
     flash_attn_installed: bool = False
-    xformers_installed: bool = False
+    xformers_usable: bool = False  # installed, and its compiled kernels load with this torch
     bitsandbytes_installed: bool = False
 
     @property
@@ -44,13 +44,25 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def xformers_usable() -> bool:
+    """xformers is installed and its compiled kernels load with this torch: only then does Unsloth use it (a
+    wheel built for another torch imports, warns, and is skipped)."""
+    if importlib.util.find_spec("xformers") is None:
+        return False
+    try:
+        import xformers
+    except Exception:
+        return False
+    return bool(getattr(xformers, "_has_cpp_library", False))
+
+
 def detect() -> Hardware:
     """Inspect torch's view of the accelerator this process would train on."""
     import torch
 
     common = dict(
         flash_attn_installed=importlib.util.find_spec("flash_attn") is not None,
-        xformers_installed=importlib.util.find_spec("xformers") is not None,
+        xformers_usable=xformers_usable(),
         bitsandbytes_installed=importlib.util.find_spec("bitsandbytes") is not None,
     )
     if not torch.cuda.is_available():

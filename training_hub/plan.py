@@ -70,6 +70,7 @@ class RunPlan:
     gradient_checkpointing: str  # "off" | "on" | "offload"
     optim: str
     attn_implementation: str  # "sdpa" | "flash_attention_2"
+    sdpa_backends: list[str] | None = None  # torch.nn.attention.SDPBackend names training runs under; None: all
     notes: list[str] = field(default_factory=list)
     flops_per_token: float | None = None
     peak_tflops: float | None = None  # the GPU's nominal dense bf16 rate, for MFU
@@ -200,13 +201,18 @@ def resolve_optimizer(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[st
     return "adamw_torch_fused", ["optimizer adamw_torch_fused (CPU default)"]
 
 
-def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str, packing: bool) -> tuple[str, list[str]]:
-    """The model's `attn_implementation`, and a note naming the kernel that will actually run.
+# SDPA backends for Unsloth's packed attention on torch's SDPA: cuDNN left out. Unsloth runs one SDPA call per
+# run of equal document lengths there, and cuDNN plans each new length anew (~0.3 ms of CPU per call); with
+# flash / memory-efficient only, the 1.5B shape trained 1.23x faster on an H100 (docs/benchmarks.md).
+PACKED_SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 
-    With Unsloth the kernel is Unsloth's choice: FlashAttention when installed, else xformers, else SDPA.
-    For packed (padding-free) batches that matters: without FlashAttention or xformers, Unsloth on
-    torch < 2.12 runs one SDPA call per run of equal document lengths, which is launch-bound
-    (docs/benchmarks.md measures it).
+
+def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str,
+                      packing: bool) -> tuple[str, list[str] | None, list[str]]:
+    """(the model's `attn_implementation`, SDPA backends to train under or None for torch's own choice, notes).
+
+    With Unsloth the kernel is Unsloth's choice: FlashAttention when installed, else xformers when it loads,
+    else torch's SDPA. The note names the one that will run.
     """
     if config.flash_attention and not hw.is_gpu:
         raise ConfigError(["flash_attention=True: FlashAttention needs a CUDA GPU; leave it unset on the CPU"])
@@ -214,14 +220,15 @@ def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str, packing
         raise ConfigError(["flash_attention=True but the flash_attn package is not installed: "
                            "pip install flash-attn --no-build-isolation, or leave flash_attention unset to use SDPA"])
     if hw.is_gpu and hw.flash_attn_installed and config.flash_attention is not False:
-        return "flash_attention_2", ["attention: FlashAttention 2 (installed)"]
+        return "flash_attention_2", None, ["attention: FlashAttention 2 (installed)"]
     reason = "flash_attention=False" if config.flash_attention is False else "flash_attn not installed" if hw.is_gpu else "CPU"
-    if hw.is_gpu and backend == "unsloth" and hw.xformers_installed and not hw.flash_attn_installed:
-        return "sdpa", [f"attention: xformers through Unsloth ({reason}; one block-diagonal kernel per packed batch)"]
+    if hw.is_gpu and backend == "unsloth" and hw.xformers_usable:
+        return "sdpa", None, [f"attention: xformers through Unsloth ({reason}; one block-diagonal kernel per packed batch)"]
     if hw.is_gpu and backend == "unsloth" and packing:
-        return "sdpa", [f"attention: PyTorch SDPA ({reason}; xformers not installed either, so packed batches run "
-                        "one SDPA call per document length: pip install xformers is faster)"]
-    return "sdpa", [f"attention: PyTorch SDPA ({reason})"]
+        return "sdpa", PACKED_SDPA_BACKENDS, [
+            f"attention: PyTorch SDPA through Unsloth ({reason}, no usable xformers), flash / memory-efficient "
+            "kernels only: packed batches make one call per document length, which cuDNN would plan anew each time"]
+    return "sdpa", None, [f"attention: PyTorch SDPA ({reason})"]
 
 
 def resolve_packing(config: LoraSFTConfig, hw: Hardware, backend: str) -> tuple[bool, list[str]]:
@@ -253,11 +260,12 @@ def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelSha
         config.effective_batch_size, config.micro_batch_size, config.gradient_accumulation_steps, world, max_micro)
     packing, pack_notes = resolve_packing(config, hw, backend)
     optim, optim_notes = resolve_optimizer(config, hw)
-    attention, attn_notes = resolve_attention(config, hw, backend, packing)
+    attention, sdpa_backends, attn_notes = resolve_attention(config, hw, backend, packing)
     return RunPlan(
         backend=backend, device=hw.device, dtype=dtype, tf32=config.tf32, world_size=world,
         micro_batch_size=micro, gradient_accumulation_steps=accumulation, effective_batch_size=effective,
         sample_packing=packing, gradient_checkpointing=checkpointing, optim=optim, attn_implementation=attention,
+        sdpa_backends=sdpa_backends,
         notes=notes + ckpt_notes + batch_notes + pack_notes + optim_notes + attn_notes,
         flops_per_token=shape.flops_per_token((mean_row_tokens or seq_len) / 2, checkpointing != "off") if shape else None,
         peak_tflops=peak_tflops(hw),

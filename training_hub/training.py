@@ -97,6 +97,18 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, config: LoraSFT
     )
 
 
+def sdpa_backends(names: list[str] | None):
+    """Training runs inside torch's scoped SDPA backend choice (`torch.nn.attention.sdpa_kernel`) when the plan
+    restricts it; torch's own choice otherwise. The restriction ends with the context."""
+    import contextlib
+
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in names])
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
