@@ -524,8 +524,9 @@ def plan_text(plan: dict) -> str:
              str(plan.get("dtype"))]
     attention = next((n for n in plan.get("notes") or [] if n.startswith("attention:")), None)
     if attention:
-        parts.append("xformers" if "xformers" in attention else "FlashAttention 2" if "FlashAttention" in attention
-                     else "SDPA")
+        parts.append("xformers" if attention.startswith("attention: xformers") else
+                     "FlashAttention 2" if "FlashAttention 2" in attention else
+                     "SDPA flash/efficient" if "flash / memory-efficient" in attention else "SDPA")
     return ", ".join(parts)
 
 
