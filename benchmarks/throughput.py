@@ -20,6 +20,11 @@ lr 2e-4, `--warmup` + `--steps` optimizer steps; `--mode qlora` loads the base i
 * lowmem (QLoRA only): ``lora_sft(load_in_4bit=True, gradient_checkpointing="offload", micro_batch_size=1,
   effective_batch_size=8)``: the documented low-memory setting.
 
+Lever rows (``LEVERS``) repeat row a or c with one thing changed, to measure each default rather than assume
+it: e.g. ``--rows a,a-cudnn,c,c-flash`` swaps the SDPA backend choice between (a) and (c). ``a#2`` runs a row
+a second time in the same call. ``--profile`` writes a torch.profiler summary of the last two warm-up steps of
+every row to DIR/logs/ROW.profile.txt (the measured steps are not profiled).
+
 Measurement, the same for every row: a TrainerCallback takes ``time.perf_counter()`` at every
 ``on_step_end`` after ``torch.cuda.synchronize()``; tokens/s = non-padding tokens of the steps after the
 warm-up (``state.num_input_tokens_seen`` with ``include_num_input_tokens_seen="non_padding"``, difference
