@@ -175,9 +175,11 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     from . import checkpoints, data
     from .models.adapters import unsloth_problems, with_adapter_settings
     from .models.unsloth import import_unsloth
+    from .tracking import tracker_problems
 
     out = Path(config.ckpt_output_dir)
-    _raise_problems(cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint))
+    _raise_problems(cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint)
+                    + tracker_problems(config))
     resume = checkpoints.find_resume_point(out, config.resume_from_checkpoint)
     config = with_adapter_settings(config)
     if resume is not None:
@@ -284,7 +286,7 @@ def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
 def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, resume, fingerprint: str) -> TrainingResult:
     from dataclasses import asdict
 
-    from . import checkpoints, manifest, training
+    from . import checkpoints, manifest, tracking, training
     from .models import load_model
 
     out = _prepare_output(config, resume)
@@ -300,7 +302,8 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
     stop = checkpoints.StopRequest()
     guard = checkpoints.guard_callback(out, stop, config.to_dict(), fingerprint, config.save_total_limit,
                                        loss_scaler=plan.dtype == "float16")
-    callbacks = [training.metrics_callback(metrics_path), guard, *(config.callbacks or [])]
+    callbacks = [training.metrics_callback(metrics_path), guard, *tracking.tracker_callbacks(config),
+                 *(config.callbacks or [])]
     eval_dataset = eval_tokenized.dataset if eval_tokenized is not None else None
     trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, eval_dataset,
                                      config, plan, out, callbacks)

@@ -176,7 +176,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "wandb_project": "Weights & Biases logging",
     "wandb_entity": "Weights & Biases logging",
     "wandb_run_name": "Weights & Biases logging",
-    "tensorboard_log_dir": "TensorBoard logging",
     "mlflow_tracking_uri": "MLflow logging",
     "mlflow_experiment_name": "MLflow logging",
     "mlflow_run_name": "MLflow logging",
