@@ -50,12 +50,15 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from training_hub.plan import ModelShape  # noqa: E402  (light: no torch; the FLOPs formula runs use)
 
 ROW_MARK = "@@THROUGHPUT_ROW "
 PREPARE_MARK = "@@THROUGHPUT_PREPARE "
@@ -102,7 +105,7 @@ LEVERS = {
 for _name, _lever in LEVERS.items():
     ROW_TITLES[_name] = _lever["title"]
 
-# Goals: (shape, mode or None for both, description, check(rows) -> bool | None).
+# Goals per (shape, mode): (text, kind, target); check_goals reads the value of each kind from the rows.
 GOAL_TEXT = {
     ("llama-3.1-8b", "lora"): [("(a) >= 14,000 tokens/s", "a_min", 14000), ("(a) >= 2.0x (c)", "a_vs_c", 2.0),
                                ("(a) >= 4x (b)", "a_vs_b", 4.0)],
@@ -115,42 +118,26 @@ GOAL_TEXT = {
 # FLOPs and MFU
 # --------------------------------------------------------------------------------------------------------
 
-def flop_parameters(model: dict) -> int:
-    """N: the non-embedding parameters of the decoder blocks plus the LM head (tied or not, its matmul runs)."""
-    h, i, layers = model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]
-    heads, kv = model["num_attention_heads"], model["num_key_value_heads"]
-    head_dim = model.get("head_dim") or h // heads
-    per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * i
-    return layers * per_layer + model["vocab_size"] * h
-
-
-def flops_per_token(model: dict, mean_document_tokens: float, recompute: bool) -> float:
-    """Model FLOPs per trained token (DECISIONS 16):
-
-        FLOPs/token = k * N + k * (2 * n_layers * ctx * hidden)
-
-    * N = non-embedding parameters + LM head (``flop_parameters``); a forward pass costs 2N per token.
-    * k = 4 without recomputation: forward (2N) + backward with respect to the activations only (2N); the
-      frozen base weights of LoRA get no weight gradients, and the LoRA matrices are negligible.
-      k = 6 with gradient checkpointing (plain or offloaded): one more forward pass per layer.
-    * ctx = mean attended context per token: packed documents attend causally within themselves only, so a
-      token of a document of length L sees (L + 1) / 2 ~ L / 2 earlier tokens; ctx = mean document length / 2.
-      2 * n_layers * ctx * hidden is the forward cost of QK^T and AV (each 2 * ctx * hidden per layer) over 2,
-      scaled by the same k as the weights. (Strictly, attention's backward costs twice its forward, as it
-      has no frozen weights to skip, so this counts attention a little low; at ctx ~300 attention is ~1% of
-      the FLOPs of these shapes.)
-
-    MFU = tokens/s * FLOPs/token / peak, where peak is the bf16 matmul rate measured on the same GPU in the
-    same run (8192 x 8192 matrices). Counting FLOPs the model needs (not those a kernel spends on masked
-    blocks) is what makes the rows comparable.
-    """
-    k = 6 if recompute else 4
-    ctx = mean_document_tokens / 2
-    return k * flop_parameters(model) + k * (2 * model["num_hidden_layers"] * ctx * model["hidden_size"])
-
+# Model FLOPs per trained token (DECISIONS 16) come from training_hub.plan.ModelShape.flops_per_token, the same
+# formula every training run prints its MFU with:
+#
+#     FLOPs/token = k * N + k * (2 * n_layers * ctx * hidden)
+#
+# * N = non-embedding parameters + LM head (ModelShape.matmul_parameters); a forward pass costs 2N per token.
+# * k = 4 without recomputation: forward (2N) + backward with respect to the activations only (2N); the frozen
+#   base weights of LoRA get no weight gradients, and the LoRA matrices are negligible. k = 6 with gradient
+#   checkpointing (plain or offloaded): one more forward pass per layer.
+# * ctx = mean attended context per token: packed documents attend causally within themselves only, so a token
+#   of a document of length L sees ~L / 2 earlier tokens; ctx = mean document length / 2. 2 * n_layers * ctx *
+#   hidden is the forward cost of QK^T and AV, scaled by the same k. (Attention's backward costs twice its
+#   forward, so this counts attention a little low; at ctx ~300 attention is ~1% of these shapes' FLOPs.)
+#
+# MFU = tokens/s * FLOPs/token / peak, where peak is the bf16 matmul rate measured on the same GPU in the same
+# run (8192 x 8192 matrices). Counting FLOPs the model needs (not those a kernel spends on masked blocks) is
+# what makes the rows comparable.
 
 def recomputes(plan: dict) -> bool:
-    return str(plan.get("gradient_checkpointing", "off")) not in ("off", "False", "false", "None")
+    return plan.get("gradient_checkpointing", "off") != "off"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -235,14 +222,10 @@ def prepare(bench: dict) -> dict:
                       bench["warmup"] + bench["steps"])
     size, iterations = (8192, 50) if not bench["tiny"] else (1024, 5)
     peak = matmul_peak_tflops(device, size, iterations)
-    config = AutoConfig.from_pretrained(model_dir)
-    model = {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                             "num_attention_heads", "num_key_value_heads", "vocab_size",
-                                             "tie_word_embeddings")}
-    model["head_dim"] = getattr(config, "head_dim", None)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
     return {"device": device, "gpu_name": torch.cuda.get_device_name() if device == "cuda" else "CPU",
             "gpu_count": torch.cuda.device_count(), "build_seconds": build_s, "peak_tflops": peak,
-            "matmul": f"{size}x{size} bf16, {iterations} iterations", "data": data, "model": model}
+            "matmul": f"{size}x{size} bf16, {iterations} iterations", "data": data, "shape": asdict(shape)}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -275,7 +258,6 @@ def make_timer(cuda: bool, profile_path: Path | None = None, warmup: int = 0):
         def __init__(self):
             self.marks: list[dict] = []
             self.load_peak = (0, 0)
-            self.hook_tokens = 0  # cross-check: non-padding tokens seen by the model's training forwards
             self._hook_tensor = None
 
         def _count(self, module, args, kwargs):
@@ -400,7 +382,7 @@ def public_hub_row(bench: dict, timer, cuda: bool, run_name: str = "c") -> dict:
     output = trainer.train()
     return {"plan": {"backend": "unsloth (direct)", "dtype": str(dtype).replace("torch.", ""), "micro_batch_size": 2,
                      "gradient_accumulation_steps": bench["batch"] // 2, "effective_batch_size": bench["batch"],
-                     "sample_packing": bool(getattr(trainer.args, "packing", cuda)),
+                     "sample_packing": bool(trainer.args.packing),
                      "gradient_checkpointing": "offload", "optim": args.optim if isinstance(args.optim, str) else
                      getattr(args.optim, "value", str(args.optim))},
             "train_loss": output.metrics.get("train_loss")}
@@ -496,7 +478,7 @@ def add_derived(rows: list[dict], prep: dict) -> None:
         tps = row.get("tokens_per_s")
         if not tps or row.get("error"):
             continue
-        fpt = flops_per_token(prep["model"], mean_doc, recomputes(row.get("plan", {})))
+        fpt = ModelShape(**prep["shape"]).flops_per_token(mean_doc / 2, recomputes(row.get("plan", {})))
         row["flops_per_token"] = fpt
         row["mfu"] = tps * fpt / (prep["peak_tflops"] * 1e12)
         for ref in ("b", "c"):
@@ -552,7 +534,8 @@ def render(bench: dict, prep: dict | None, rows: list[dict], goals: list[dict], 
         d = prep["data"]
         lines.append(f"- data: {d['rows']} pre-tokenized rows of {d['row_tokens'][0]}-{d['row_tokens'][1]} tokens "
                      f"(mean {d['mean_row_tokens']:.0f}), {d['tokens']:,} tokens, ~30% of each masked")
-        lines.append(f"- MFU: FLOPs/token = k*N + k*2*layers*ctx*hidden, N = {flop_parameters(prep['model']):,} "
+        n = ModelShape(**prep["shape"]).matmul_parameters
+        lines.append(f"- MFU: FLOPs/token = k*N + k*2*layers*ctx*hidden, N = {n:,} "
                      f"(non-embedding + LM head), ctx = mean document / 2, k = 4 (6 with checkpointing)")
     lines += ["", "| row | tokens/s | peak GiB (alloc / reserved) | MFU | vs (c) | vs (b) | plan |",
               "|---|---:|---:|---:|---:|---:|---|"]

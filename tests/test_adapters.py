@@ -32,7 +32,7 @@ def test_the_adapters_shape_is_used(tmp_path):
     assert (resolved.lora_r, resolved.lora_alpha, resolved.lora_dropout) == (4, 8, 0.05)
     assert resolved.target_modules == ["q_proj", "v_proj"]
     same = with_adapter_settings(config(tmp_path, lora_adapter=str(adapter), lora_r=4, target_modules=["q_proj", "v_proj"]))
-    assert same.lora_r == 4
+    assert (same.lora_r, same.lora_alpha, same.lora_dropout) == (4, 8, 0.05)  # agreeing values; the rest from it
 
 
 def test_conflicting_values_are_errors(tmp_path):

@@ -43,8 +43,7 @@ def test_each_format_trains_from_jsonl_without_dataset_type(fmt, tiny_model_fact
     summary = train(model_path=str(base), data_path=str(data), ckpt_output_dir=str(tmp_path / "out"), backend="peft",
                     max_steps=4, logging_steps=1, learning_rate=3e-3, save_steps=1000, warmup_steps=0,
                     data_output_dir="none", **extra)
-    expected = "messages" if fmt == "messages" else fmt
-    assert summary["data_summary"]["format"] == expected
+    assert summary["data_summary"]["format"] == fmt
     assert summary["data_summary"]["rows_out"] == (12 if fmt == "alpaca" else 16)
     assert len(losses(tmp_path / "out")) == 4
     if fmt in ("messages", "alpaca"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -292,8 +291,9 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
     out = _prepare_output(config, resume)
     loaded_model = load_model(config, plan, tokenizer)
     log(loaded_model.describe())
-    if loaded_model.tokenizer.chat_template is None and tokenized.summary.format not in ("text", "passthrough"):
-        # The data was rendered with the fallback template: save it so generation uses the same format.
+    if not loaded_model.tokenizer.chat_template and tokenized.summary.format not in ("text", "passthrough"):
+        # The data was rendered with the fallback template (data.masking.make_renderer's rule: no usable
+        # template of its own): save it so generation uses the same format.
         from .data import FALLBACK_CHAT_TEMPLATE
 
         loaded_model.tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
@@ -419,18 +419,19 @@ def _final_metrics(train_metrics: dict[str, Any], state, plan, resumed_metrics: 
 def _save_adapter(trainer, tokenizer, out: Path) -> None:
     """Write the final adapter + tokenizer to a temporary folder, then move the files in (rank 0 only)."""
     from .export import vllm_warnings
+    from .files import replace_files_in
     from .hardware import is_main_process
+    from .models.adapters import ADAPTER_CONFIG
 
     if not is_main_process():
         return
-    tmp = out / ".final-adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for item in tmp.iterdir():
-        os.replace(item, out / item.name)
-    tmp.rmdir()
-    for warning in vllm_warnings(json.loads((out / "adapter_config.json").read_text())):
+
+    def fill(tmp: Path) -> None:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    replace_files_in(out, fill)
+    for warning in vllm_warnings(json.loads((out / ADAPTER_CONFIG).read_text())):
         log(f"warning: {warning}")
 
 

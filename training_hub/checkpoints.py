@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .files import replace_files_in, write_atomic
 from .hardware import is_main_process
+from .models.adapters import ADAPTER_WEIGHTS
 
 COMPLETE_MARKER = "training_hub_complete.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-FINAL_ADAPTER = "adapter_model.safetensors"
 
 # Settings that may differ between a run and its resumption (DECISIONS 11): length, saving, logging, and
 # where things are read from (the data itself is compared by fingerprint).
@@ -94,7 +95,7 @@ def find_resume_point(out: Path, resume: bool | str | None) -> ResumePoint | Non
         raise ConfigError([f"resume_from_checkpoint=True but {str(out)!r} holds no complete checkpoint "
                            f"({_describe(everything)}); pass resume_from_checkpoint='auto' to start fresh when "
                            "there is none"])
-    if (out / FINAL_ADAPTER).exists():
+    if (out / ADAPTER_WEIGHTS).exists():
         raise ConfigError([f"resume_from_checkpoint='auto': {str(out)!r} holds a finished adapter but no complete "
                            "checkpoint to continue from; choose a new folder or pass overwrite_output_dir=True"])
     return ResumePoint(None, 0, everything)
@@ -174,9 +175,7 @@ def truncate_metrics(path: Path, step: int) -> int:
         return 0
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if _keep_row(json.loads(line), step)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
     return len(rows) - len(kept)
 
 
@@ -202,15 +201,12 @@ TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_st
 
 def copy_adapter(checkpoint: Path, out: Path) -> None:
     """Make a checkpoint's adapter and tokenizer the final ones in `out` (temp folder, then moved in)."""
-    tmp = out / ".final-adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for item in checkpoint.iterdir():
-        if item.is_file() and item.name not in TRAINING_STATE_FILES and not item.name.startswith("rng_state"):
-            shutil.copy2(item, tmp / item.name)
-    for item in tmp.iterdir():
-        os.replace(item, out / item.name)
-    tmp.rmdir()
+    def fill(tmp: Path) -> None:
+        for item in checkpoint.iterdir():
+            if item.is_file() and item.name not in TRAINING_STATE_FILES and not item.name.startswith("rng_state"):
+                shutil.copy2(item, tmp / item.name)
+
+    replace_files_in(out, fill)
 
 
 # ---- marking, rotating -------------------------------------------------------------------------------------
@@ -218,9 +214,7 @@ def copy_adapter(checkpoint: Path, out: Path) -> None:
 def mark_complete(checkpoint: Path, step: int, config_dict: dict[str, Any], data_fingerprint: str) -> None:
     marker = {"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data_fingerprint": data_fingerprint,
               "files": sorted(p.name for p in checkpoint.iterdir()), "config": config_dict}
-    tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
-    tmp.write_text(json.dumps(marker, indent=2, default=str))
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    write_atomic(checkpoint / COMPLETE_MARKER, json.dumps(marker, indent=2, default=str))
 
 
 def rotate(out: Path, limit: int | None) -> None:
@@ -303,18 +297,19 @@ def stop_on_signals(stop: StopRequest):
             signal.signal(s, h)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True when `flag` is true on any rank (signals reach ranks at different steps; all must stop together)."""
+def _any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether it is true on any rank (signals reach ranks at different steps; all must stop
+    together). One all-reduce for all the flags."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
+        return flags
     import torch
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(bool(v > 0) for v in values.tolist())
 
 
 def _barrier() -> None:
@@ -338,12 +333,14 @@ def guard_callback(out: Path, stop: StopRequest, config_dict: dict[str, Any], da
 
     class CheckpointGuard(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if _any_rank(stop.signal_name is not None):
+            signalled, diverged = _any_rank(stop.signal_name is not None, stop.diverged is not None)
+            if signalled:
                 control.should_save = True
                 control.should_training_stop = True
-            if control.should_save:
-                stop.note_weights(not _any_rank(not _weights_finite(model)), state.global_step)
-            if _any_rank(stop.diverged is not None):
+            if control.should_save:  # the weights' verdict is reduced over all ranks, so stop.diverged agrees
+                (bad_weights,) = _any_rank(not _weights_finite(model))
+                stop.note_weights(not bad_weights, state.global_step)
+            if diverged or stop.diverged is not None:
                 control.should_save = False  # never checkpoint a non-finite state
                 control.should_training_stop = True
 

@@ -76,11 +76,12 @@ def merge_adapter(base_model_path: str, adapter_path: str | Path, output_dir: st
 
 
 def _merged_model(base_model_path: str, adapter_path: str, dtype: str, trust_remote_code: bool):
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    from .models.common import torch_dtype as to_torch_dtype
+
+    torch_dtype = to_torch_dtype(dtype)
     base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch_dtype, device_map={"": "cpu"},
                                                 trust_remote_code=trust_remote_code)
     if getattr(base, "hf_quantizer", None) is not None:  # a checkpoint stored quantized: merge into 16-bit

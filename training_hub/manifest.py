@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .files import write_atomic
 from .hardware import is_main_process
 
 MANIFEST_FILE = "run_config.json"
@@ -54,7 +55,5 @@ def write(out: Path, config, plan, summary, loaded_model, data_fingerprint: str,
                      "cpu_count": os.cpu_count()},
         "metrics": metrics,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest, indent=2, default=str))
     return path

@@ -41,19 +41,22 @@ class ModelShape:
         kv = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or h // heads
         per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * i
-        embeddings = v * h * (1 if getattr(text, "tie_word_embeddings", False) else 2)
         tied = bool(getattr(text, "tie_word_embeddings", False))
-        return cls(h, i, n, v, n * per_layer + embeddings, tied)
+        return cls(h, i, n, v, n * per_layer + v * h * (1 if tied else 2), tied)
+
+    @property
+    def matmul_parameters(self) -> int:
+        """N of the FLOPs formula: the decoder blocks plus the LM head (whose matmul runs, tied or not)."""
+        return self.num_parameters - (0 if self.tied_embeddings else self.vocab_size * self.hidden_size)
 
     def flops_per_token(self, mean_context: float, recompute: bool) -> float:
-        """Training FLOPs per token for LoRA: k·N + k·2·layers·ctx·hidden, N = decoder blocks + LM head.
+        """Training FLOPs per token for LoRA: k·N + k·2·layers·ctx·hidden, N = `matmul_parameters`.
 
         k = 4 without recomputation (forward 2N, backward 2N: the frozen base needs no weight gradients),
         6 with gradient checkpointing (one more forward); ctx = mean attended context per token.
         """
-        n = self.num_parameters - (0 if self.tied_embeddings else self.vocab_size * self.hidden_size)
         k = 6 if recompute else 4
-        return k * (n + 2 * self.num_layers * mean_context * self.hidden_size)
+        return k * (self.matmul_parameters + 2 * self.num_layers * mean_context * self.hidden_size)
 
 
 @dataclass

@@ -75,6 +75,8 @@ def test_passthrough_rows_are_used_as_given(tokenizer_factory):
                                         {"input_ids": [8, 9], "labels": [8, 9]}]
     with pytest.raises(DataError, match=r"row 0: input_ids holds token id 99999"):
         run([{"input_ids": [99999]}], tokenizer)
+    with pytest.raises(DataError, match=r"row 0: labels holds token id 99999"):
+        run([{"input_ids": [5, 6], "labels": [-100, 99999]}], tokenizer)
 
 
 def test_columns_order_and_summary(tokenizer_factory):

@@ -80,10 +80,11 @@ def convert_rows(rows: list[tuple[str, dict]], fmt: str, fields: Fields) -> tupl
     return examples, problems
 
 
-def problem_report(description: str, fmt: str | None, problems: list[str], n_rows: int) -> str:
+def problem_report(description: str, fmt: str | None, problems: list[str], n_rows: int,
+                   verdict: str = "are invalid") -> str:
     """One message for many bad rows: the first few, then the total."""
     read_as = f" (read as {fmt})" if fmt else ""
-    lines = [f"{len(problems)} of {n_rows} rows in {description}{read_as} are invalid:"]
+    lines = [f"{len(problems)} of {n_rows} rows in {description}{read_as} {verdict}:"]
     lines += [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
     if len(problems) > MAX_LISTED_PROBLEMS:
         lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")

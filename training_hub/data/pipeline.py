@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from .cache import cache_key, load_cached, resolve_cache_dir, save_cached
-from .loading import problem_report
+from .loading import MAX_LISTED_PROBLEMS, problem_report
 from .masking import IGNORE_INDEX, Renderer, labels_from_spans, make_renderer, render_with_spans
 from .schema import TRUNCATION_MODES, DataError, DataSummary, Example, LoadedData, TokenizedData
 
 CHUNK_ROWS = 1000  # rows per tokenizer call
 PARALLEL_MIN_ROWS = 20_000  # below this, num_proc=None means one process
-MAX_LISTED = 5
 
 Row = tuple[list[int], list[int]]
 
@@ -183,9 +182,10 @@ def encode_chunk(examples: list[Example], renderer: Renderer, train_on_inputs: b
     """Render the chunk's texts, tokenize them in one batch call, and label them."""
     rows: list[Row | None] = [None] * len(examples)
     texts, spans, slots = [], [], []
+    vocab_size = len(renderer.tokenizer)
     for i, example in enumerate(examples):
         if example.input_ids is not None:
-            rows[i] = passthrough_row(example, len(renderer.tokenizer))
+            rows[i] = passthrough_row(example, vocab_size)
             continue
         text, answer_spans = example_text(example, renderer)
         texts.append(text)
@@ -217,12 +217,17 @@ def example_text(example: Example, renderer: Renderer) -> tuple[str, list[tuple[
 
 
 def passthrough_row(example: Example, vocab_size: int) -> Row:
+    """Pre-tokenized ids and labels, checked against the vocabulary (an id out of range would fail only inside
+    the model, on a GPU as a device-side assert)."""
     ids = example.input_ids or []
-    if max(ids) >= vocab_size:
-        raise DataError(f"{example.origin}: input_ids holds token id {max(ids)}, but the tokenizer has only "
-                        f"{vocab_size} tokens (ids 0..{vocab_size - 1}); was the data tokenized with another "
-                        "tokenizer?")
-    return ids, list(example.labels) if example.labels is not None else list(ids)
+    labels = list(example.labels) if example.labels is not None else list(ids)
+    for column, values in (("input_ids", ids), ("labels", [t for t in labels if t != IGNORE_INDEX])):
+        largest = max(values, default=0)
+        if largest >= vocab_size:
+            raise DataError(f"{example.origin}: {column} holds token id {largest}, but the tokenizer has only "
+                            f"{vocab_size} tokens (ids 0..{vocab_size - 1}); was the data tokenized with another "
+                            "tokenizer?")
+    return ids, labels
 
 
 def apply_limits(examples: list[Example], rows: list[Row], max_seq_len: int, truncation: str,
@@ -254,8 +259,7 @@ def apply_limits(examples: list[Example], rows: list[Row], max_seq_len: int, tru
 def check_tally(tally: Tally, max_seq_len: int) -> None:
     """Refuse rows too long under truncation="error", and losing more than half of the rows."""
     if tally.too_long:
-        raise DataError(problem_report("the data", None, tally.too_long, tally.rows_in).replace("are invalid",
-                                                                                                "are too long")
+        raise DataError(problem_report("the data", None, tally.too_long, tally.rows_in, verdict="are too long")
                         + "\nRaise max_seq_len, or pass truncation='truncate' or 'drop'.")
     dropped = tally.dropped_too_long + tally.dropped_no_supervised
     if dropped * 2 <= tally.rows_in and tally.lengths:
@@ -263,7 +267,7 @@ def check_tally(tally: Tally, max_seq_len: int) -> None:
     raise DataError(
         f"{dropped:,} of {tally.rows_in:,} rows would be dropped ({tally.dropped_too_long:,} longer than "
         f"max_seq_len={max_seq_len:,}, {tally.dropped_no_supervised:,} with no supervised token left"
-        + (f", e.g. {', '.join(tally.empty[:MAX_LISTED])}" if tally.empty else "")
+        + (f", e.g. {', '.join(tally.empty[:MAX_LISTED_PROBLEMS])}" if tally.empty else "")
         + "). Refusing to train on what is left: raise max_seq_len, shorten the prompts, or check the data.")
 
 

@@ -6,19 +6,17 @@ Nothing heavy is imported here: ``datasets`` appears only in a type annotation.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict, get_args
 
 if TYPE_CHECKING:
     import datasets
-
-DATASET_TYPES = ("auto", "messages", "chat_template", "alpaca", "sharegpt", "prompt_completion", "text", "passthrough")
-TRUNCATION_MODES = ("truncate", "drop", "error")
-ROLES = ("system", "user", "assistant")
 
 DatasetType = Literal[
     "auto", "messages", "chat_template", "alpaca", "sharegpt", "prompt_completion", "text", "passthrough"
 ]
 TruncationMode = Literal["truncate", "drop", "error"]
+DATASET_TYPES: tuple[str, ...] = get_args(DatasetType)
+TRUNCATION_MODES: tuple[str, ...] = get_args(TruncationMode)
 
 
 class DataError(ValueError):
