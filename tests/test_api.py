@@ -52,7 +52,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_factory, greeting
 def test_resumed_throughput_counts_only_this_sessions_tokens():
     from types import SimpleNamespace
 
-    from training_hub.api import _final_metrics
+    from training_hub.training import final_metrics as _final_metrics
 
     state = SimpleNamespace(num_input_tokens_seen=1000, global_step=10)
     plan = SimpleNamespace(flops_per_token=None, peak_tflops=None, device="cpu")

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from training_hub import checkpoints, lora_sft
-from training_hub.config import ConfigError, output_dir_problems
+from training_hub.config import ConfigError
+from training_hub.outputs import folder_problems
+from training_hub.resume import find_resume, set_aside
 
 JOB = Path(__file__).with_name("e2e_job.py")
 
@@ -33,46 +35,46 @@ def fake_checkpoint(out: Path, step: int, complete: bool = True, config: dict | 
 def test_newest_complete_checkpoint_is_chosen_and_incomplete_ones_set_aside(tmp_path):
     for step, complete in [(2, True), (4, True), (6, False)]:
         fake_checkpoint(tmp_path, step, complete)
-    point = checkpoints.find_resume_point(tmp_path, True)
+    point = find_resume(tmp_path, True)
     assert point.checkpoint.name == "checkpoint-4" and point.step == 4
     assert [p.name for p in point.set_aside] == ["checkpoint-6"]
-    notices = checkpoints.set_aside(point.set_aside)
+    notices = set_aside(point.set_aside)
     assert "incomplete" in notices[0]
     assert not (tmp_path / "checkpoint-6").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-6.set-aside-")]  # kept, not deleted
-    assert checkpoints.find_resume_point(tmp_path, "auto").checkpoint.name == "checkpoint-4"
+    assert find_resume(tmp_path, "auto").checkpoint.name == "checkpoint-4"
 
 
 def test_resume_true_needs_a_complete_checkpoint(tmp_path):
     fake_checkpoint(tmp_path, 3, complete=False)
     with pytest.raises(ConfigError, match=r"resume_from_checkpoint=True but .* holds no complete checkpoint .*checkpoint-3"):
-        checkpoints.find_resume_point(tmp_path, True)
+        find_resume(tmp_path, True)
 
 
 def test_auto_starts_fresh_without_a_checkpoint_but_never_over_a_finished_adapter(tmp_path):
-    assert checkpoints.find_resume_point(tmp_path / "new", "auto").checkpoint is None
+    assert find_resume(tmp_path / "new", "auto").checkpoint is None
     (tmp_path / "adapter_model.safetensors").write_bytes(b"finished")
     with pytest.raises(ConfigError, match="finished adapter"):
-        checkpoints.find_resume_point(tmp_path, "auto")
+        find_resume(tmp_path, "auto")
 
 
 def test_explicit_checkpoint_must_exist_and_be_complete(tmp_path):
     with pytest.raises(ConfigError, match="no such folder"):
-        checkpoints.find_resume_point(tmp_path, str(tmp_path / "checkpoint-9"))
+        find_resume(tmp_path, str(tmp_path / "checkpoint-9"))
     half = fake_checkpoint(tmp_path, 5, complete=False)
     with pytest.raises(ConfigError, match="incomplete"):
-        checkpoints.find_resume_point(tmp_path, str(half))
+        find_resume(tmp_path, str(half))
     good = fake_checkpoint(tmp_path, 2)
     newer = fake_checkpoint(tmp_path, 8)
-    point = checkpoints.find_resume_point(tmp_path, str(good))
+    point = find_resume(tmp_path, str(good))
     assert point.checkpoint == good and set(point.set_aside) == {half, newer}  # newer work is set aside, never overwritten
 
 
 def test_output_folder_with_a_run_is_refused_unless_resuming_or_overwriting(tmp_path):
     fake_checkpoint(tmp_path, 2)
-    (problem,) = output_dir_problems(tmp_path, overwrite_output_dir=False)
+    (problem,) = folder_problems(tmp_path, overwrite_output_dir=False, resuming=False)
     assert "resume_from_checkpoint=True" in problem and "overwrite_output_dir=True" in problem
-    assert output_dir_problems(tmp_path, False, resume_from_checkpoint="auto") == []
+    assert folder_problems(tmp_path, False, resuming=True) == []
     with pytest.raises(ConfigError, match="choose one"):
         lora_sft("m", "d.jsonl", str(tmp_path), overwrite_output_dir=True, resume_from_checkpoint=True)
 
@@ -85,10 +87,10 @@ def test_resume_refuses_other_lora_settings(tmp_path, greeting_jsonl):
     fake_checkpoint(out, 2, config=LoraSFTConfig(**config).to_dict())
     with pytest.raises(ConfigError, match=r"lora_r: 8 in the checkpoint, 16 now.*Only max_steps"):
         lora_sft(**dict(config, lora_r=16, resume_from_checkpoint=True))
-    point = checkpoints.find_resume_point(out, True)
+    point = find_resume(out, True)
     longer = LoraSFTConfig(**dict(config, max_steps=10, save_steps=1, resume_from_checkpoint=True)).to_dict()
-    assert checkpoints.resume_config_problems(point, longer) == []
-    assert "training data differs" in checkpoints.resume_data_problems(point, "other")[0]
+    assert point.config_problems(longer) == []
+    assert "training data differs" in point.data_problems("other")[0]
 
 
 def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):

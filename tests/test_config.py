@@ -8,6 +8,7 @@ import pytest
 
 from training_hub import ConfigError, LoraSFTConfig, lora_sft
 from training_hub.config import NOT_SUPPORTED_YET, PARAMETER_NAMES
+from training_hub.environment import environment_problems
 
 REQUIRED = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="out")
 
@@ -55,8 +56,6 @@ def test_unknown_keyword_suggests_closest(tmp_path):
         (dict(load_in_4bit=True, load_in_8bit=True), "load_in_4bit and load_in_8bit are both True"),
         (dict(micro_batch_size="big"), "micro_batch_size='big'"),
         (dict(target_modules=[]), "target_modules=[]"),
-        (dict(nproc_per_node=4), "launching the processes from lora_sft is not supported yet"),
-        (dict(nproc_per_node="auto"), "this launch has 1 process(es) per node"),
         (dict(bnb_4bit_quant_type="fp4"), "set without load_in_4bit=True"),
         (dict(callbacks=[object()]), "expected a transformers.TrainerCallback"),
         (dict(eval_steps=5), "evaluation needs eval_data_path"),
@@ -71,9 +70,17 @@ def test_bad_values_are_named(kwargs, fragment):
     assert fragment in str(info.value)
 
 
-def test_missing_local_model_folder_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="model_path=.*no such folder"):
-        LoraSFTConfig(model_path=str(tmp_path / "nope"), data_path="d.jsonl", ckpt_output_dir="out")
+def test_config_validation_is_pure(tmp_path, monkeypatch):
+    """A config reads no files and no environment, so a saved one re-validates anywhere; those checks come with
+    the environment's, before anything is read or written."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    config = LoraSFTConfig(model_path=str(tmp_path / "nope"), data_path="d.jsonl", ckpt_output_dir="out", nproc_per_node=4)
+    problems = environment_problems(config)
+    assert "model_path=" in problems[0] and "no such folder" in problems[0]
+    assert "this launch has 1 process(es) per node" in problems[1]
+    with pytest.raises(ConfigError, match="no such folder"):
+        lora_sft(str(tmp_path / "nope"), "d.jsonl", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_problem_reported_at_once():

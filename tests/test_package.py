@@ -1,10 +1,10 @@
-"""The package stays light to import and its command line is derived from the config."""
+"""The package stays light to import, and every parameter is documented once and shown the same everywhere."""
 
 import subprocess
 import sys
+from pathlib import Path
 
-from training_hub.cli import build_parser
-from training_hub.config import PARAMETER_NAMES
+from training_hub.config import PARAMETER_DOCS, PARAMETER_NAMES
 
 
 def test_import_is_light():
@@ -14,42 +14,41 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_cli_train_has_every_parameter():
-    train = build_parser()._subparsers._group_actions[0].choices["train"]
-    flags = {a.dest for a in train._actions}
-    assert set(PARAMETER_NAMES) - {"callbacks"} <= flags
+def test_every_parameter_is_documented_once_and_shown_the_same_everywhere():
+    """docs/parameters.md, lora_sft's docstring and the CLI's help are all derived from the field docs
+    (`python -m training_hub.reference` rewrites the first two)."""
 
+    from training_hub import lora_sft, reference
+    from training_hub.cli import build_parser
 
-def test_cli_rejects_unknown_config_key(tmp_path, capsys):
-    from training_hub.cli import main
-
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("model_path: m\ndata_path: d.jsonl\nckpt_output_dir: out\nlora_rank: 8\n")
-    assert main(["train", "--config", str(cfg)]) == 2
-    err = capsys.readouterr().err
-    assert "unknown parameter 'lora_rank'" in err and "Did you mean 'lora_r'" in err
-
-
-def test_cli_values_are_typed(tmp_path, capsys):
-    from training_hub.cli import main
-
-    assert main(["train", "--model_path", "m", "--data_path", "d.jsonl", "--ckpt_output_dir", str(tmp_path / "o"),
-                 "--lora_r", "zero"]) == 2
-    assert "lora_r='zero': expected int" in capsys.readouterr().err
-
-
-def test_every_parameter_is_documented():
-    from pathlib import Path
-
+    assert all(PARAMETER_DOCS[name].strip() for name in PARAMETER_NAMES)
     doc = (Path(__file__).parents[1] / "docs" / "parameters.md").read_text()
-    missing = [name for name in PARAMETER_NAMES if f"`{name}`" not in doc]
-    assert not missing
+    assert reference.docs_block(doc) == reference.markdown(), "run: python -m training_hub.reference"
+    assert reference.docstring_block(lora_sft.__doc__) == reference.docstring_args()
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    shown = {a.dest: a.help for a in train._actions}
+    assert all(shown[name] == reference.cli_help(name) for name in PARAMETER_NAMES if name != "callbacks")
 
 
-def test_cli_preview_marks_the_trained_text(tiny_model_factory, greeting_jsonl, capsys):
-    from training_hub.cli import main
+def test_a_changed_description_shows_in_all_three_views(monkeypatch):
+    from training_hub import config, reference
 
-    assert main(["preview", "--data", str(greeting_jsonl), "--model", str(tiny_model_factory("qwen2", "chatml")),
-                 "--num-examples", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "48 of 48 rows kept" in out and "[[Hello, Alice! Nice to meet you.<|im_end|>]]" in out
+    monkeypatch.setitem(config.PARAMETER_DOCS, "lora_r", "a changed description")
+    assert "a changed description" in reference.markdown()
+    assert "lora_r (int, 16): a changed description." in reference.docstring_args()
+    assert reference.cli_help("lora_r").startswith("a changed description")
+
+
+def test_progress_lines_go_through_the_training_hub_logger(tiny_model_factory, greeting_jsonl, tmp_path, caplog):
+    import logging
+
+    from training_hub import lora_sft
+
+    args = (str(tiny_model_factory("qwen2", "chatml")), str(greeting_jsonl), str(tmp_path / "out"))
+    caplog.set_level(logging.INFO, logger="training_hub")
+    lora_sft(*args, backend="peft", dry_run=True, data_output_dir="none")
+    assert any("dry run" in r.getMessage() for r in caplog.records if r.name == "training_hub")
+    caplog.clear()
+    logging.getLogger("training_hub").setLevel(logging.WARNING)
+    lora_sft(*args, backend="peft", dry_run=True, data_output_dir="none")
+    assert not [r for r in caplog.records if r.name == "training_hub"]

@@ -15,7 +15,8 @@ LLAMA_8B = ModelShape(hidden_size=4096, intermediate_size=14336, num_layers=32, 
 
 
 def plan(hw=CPU, backend="unsloth", shape=None, seq=2048, world=1, **kw):
-    return make_plan(LoraSFTConfig(model_path="m", data_path="d", ckpt_output_dir="o", **kw), hw, backend, shape, seq, world)
+    config = LoraSFTConfig(model_path="m", data_path="d", ckpt_output_dir="o", max_seq_len=seq, **kw)
+    return make_plan(config, hw, backend, shape, world)
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,9 @@
-"""The public entry points: lora_sft, prepare_dataset, load.
-
-`lora_sft` reads top to bottom as the recipe: validate -> read data -> pick backend and plan ->
-tokenize -> load model + LoRA -> train -> save. Nothing is written and no model is loaded until the
-config and every data row have been validated.
-"""
+"""The public entry points: lora_sft, prepare_dataset, load. The run itself is `recipe.run`."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-import json
-import shutil
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,13 +22,6 @@ def _suggest_unknown_keywords(func):
         return func(*args, **kwargs)
 
     return wrapper
-
-
-def log(message: str) -> None:
-    from .hardware import is_main_process
-
-    if is_main_process():
-        print(f"training_hub: {message}", file=sys.stderr, flush=True)
 
 
 @_suggest_unknown_keywords
@@ -124,37 +109,130 @@ def lora_sft(
 ) -> TrainingResult:
     """Fine-tune `model_path` with LoRA (or QLoRA) on `data_path`, writing a PEFT adapter to `ckpt_output_dir`.
 
-    Every parameter, its type, default and valid values are listed in docs/parameters.md; the most used:
-
     Args:
-        model_path (str): local folder or hub id of a causal LM.
-        data_path: .jsonl/.json/.parquet/.csv file, folder of such files, list of dicts or datasets.Dataset,
-            in messages, alpaca, sharegpt, prompt/completion, text or pre-tokenized form (detected).
-        ckpt_output_dir (str): where the adapter, tokenizer, run_config.json, training_metrics.jsonl and the
-            checkpoint-N folders go. Must not hold an earlier run unless resume_from_checkpoint or
-            overwrite_output_dir=True is given (docs/checkpoints.md).
-        backend ("auto" | "unsloth" | "peft", default "auto"): Unsloth's fused kernels when importable,
-            else plain transformers + PEFT (with a notice).
-        lora_r (int, 16), lora_alpha (int, 32), lora_dropout (float, 0.0), target_modules (list | None: all
-            linear projections of the decoder blocks), use_rslora, use_dora, init_lora_weights, rank_pattern,
-            alpha_pattern: the LoRA adapter.
-        num_epochs (int, 3), max_steps (int | None), learning_rate (float, 2e-4), lr_scheduler ("linear"),
-            warmup_steps (10), weight_decay (0.01), max_grad_norm (0.3), optim (None: adamw_8bit on a GPU,
-            adamw_torch_fused on the CPU), seed (42).
-        effective_batch_size (int | None), micro_batch_size (int | "auto" | None),
-            gradient_accumulation_steps (int | None): give any two (or one); the rest is derived
-            (x world size). Nothing given: micro 2, accumulation 1.
-        max_seq_len (int, 2048), truncation ("truncate" | "drop" | "error"), train_on_inputs (False: loss on
-            assistant tokens only), sample_packing (None: on with a GPU, off on the CPU),
-            dataloader_num_workers (int, 0: batches are collated in the training process).
-        load_in_4bit / load_in_8bit (False), bnb_4bit_*: QLoRA. bf16 / fp16 / tf32 (None: bf16 on GPUs that
-            have it, fp32 on the CPU). gradient_checkpointing ("auto" | True | False | "offload").
-        save_steps (500), save_total_limit (3), logging_steps (1), callbacks (TrainerCallbacks).
-        resume_from_checkpoint (True | "auto" | path | None): continue the run in ckpt_output_dir from its newest
-            complete checkpoint (True), from it or from scratch ("auto"), or from the given checkpoint-N folder.
-        lora_adapter (str | None): start from a saved LoRA adapter's weights and shape.
-        save_merged (bool, False): also write ckpt_output_dir/merged, the base with the LoRA folded in (16-bit).
-        dry_run (bool, False): validate, read and tokenize the data and print the plan; load no model.
+        model_path (str, required): local folder or hub id of a causal LM.
+        data_path (Any, required): training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a list of
+            dicts or a datasets.Dataset, in any format of docs/data.md (detected).
+        ckpt_output_dir (str, required): output folder for the adapter, tokenizer, run_config.json,
+            training_metrics.jsonl and checkpoint-N folders (docs/checkpoints.md).
+        backend ('auto' | 'unsloth' | 'peft', 'auto'): 'unsloth' (fused kernels), 'peft' (plain transformers +
+            PEFT), or 'auto': Unsloth when it imports, else PEFT with a notice.
+        lora_r (int, 16): LoRA rank (> 0).
+        lora_alpha (int, 32): LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA).
+        lora_dropout (float, 0.0): dropout on the LoRA input, in [0, 1) (0 keeps Unsloth's fast path).
+        target_modules (list[str] | None, None): module names to adapt; None: every linear projection inside the
+            decoder blocks (q/k/v/o/gate/up/down for Llama/Qwen).
+        use_rslora (bool, False): rank-stabilised LoRA scaling (alpha / sqrt(r)).
+        use_dora (bool, False): DoRA (weight-decomposed LoRA; vLLM cannot serve DoRA adapters).
+        init_lora_weights (bool | 'gaussian', True): PEFT's LoRA initialisation: True, False or 'gaussian'
+            (PiSSA/OLoRA/EVA are not offered: they change the base or need a data pass).
+        rank_pattern (dict[str, int] | None, None): per-module rank overrides, PEFT semantics (e.g. {'q_proj': 8}).
+        alpha_pattern (dict[str, int] | None, None): per-module alpha overrides, PEFT semantics.
+        loftq_config (dict[str, Any] | None, None): LoftQ initialisation settings. Not supported yet (LoftQ
+            initialisation): only the default is accepted.
+        lora_adapter (str | None, None): a saved PEFT LoRA adapter folder to continue training from; its r, alpha,
+            targets and dropout are used.
+        dataset_type ('auto' | 'messages' | 'chat_template' | 'alpaca' | 'sharegpt' | 'prompt_completion' | 'text' |
+            'passthrough', 'auto'): the rows' format; 'auto' detects it from their fields (docs/data.md).
+        field_messages (str, 'messages'): column holding the conversation.
+        field_instruction (str, 'instruction'): alpaca instruction column.
+        field_input (str, 'input'): alpaca input column.
+        field_output (str, 'output'): alpaca output column.
+        train_on_inputs (bool, False): loss on every token; False: on assistant answers (and their end-of-turn
+            token) only.
+        truncation ('truncate' | 'drop' | 'error', 'truncate'): rows longer than max_seq_len: 'truncate' (keep the
+            start), 'drop', or 'error' naming the row.
+        max_seq_len (int, 2048): tokens per sequence and per packed bin (>= 2).
+        sample_packing (bool | None, None): pack several rows per sequence; None: on with a GPU, off on the CPU
+            (True on the CPU needs backend='peft').
+        data_output_dir (str | None, None): tokenized-data cache folder (default ~/.cache/training_hub/data; 'none'
+            disables it).
+        dataloader_num_workers (int, 0): processes collating batches; 0 collates in the training process.
+        eval_data_path (Any, None): evaluation data, read and tokenized exactly like data_path; eval_loss is logged.
+        eval_steps (int | None, None): evaluate every N steps; None: once per epoch (needs eval_data_path or
+            eval_split).
+        eval_split (float | None, None): hold out this share of the training rows, in (0, 1), for evaluation.
+        num_epochs (int, 3): passes over the data (unless max_steps).
+        max_steps (int | None, None): optimizer steps; overrides num_epochs.
+        effective_batch_size (int | None, None): sequences per optimizer step over all processes; give any two of
+            the three batch settings and the third is derived.
+        micro_batch_size (int | 'auto' | None, None): sequences per forward pass per process; 'auto': the largest
+            that fits; None with nothing else: 2.
+        gradient_accumulation_steps (int | None, None): forward passes per optimizer step.
+        learning_rate (float, 0.0002): peak learning rate.
+        lr_scheduler ('linear' | 'cosine' | 'cosine_with_restarts' | 'polynomial' | 'constant' |
+            'constant_with_warmup' | 'inverse_sqrt' | 'cosine_with_min_lr' | 'warmup_stable_decay', 'linear'):
+            transformers learning-rate schedule.
+        warmup_steps (int, 10): linear warm-up steps.
+        weight_decay (float, 0.01): AdamW weight decay.
+        max_grad_norm (float, 0.3): gradient clipping norm.
+        optim ('adamw_torch' | 'adamw_torch_fused' | 'adamw_8bit' | 'adamw_bnb_8bit' | 'paged_adamw_8bit' |
+            'paged_adamw_32bit' | 'adafactor' | 'sgd' | 'adagrad' | 'rmsprop' | 'lion_8bit' | 'paged_lion_8bit' |
+            None, None): transformers optimizer name; None: adamw_8bit on a GPU with bitsandbytes, else
+            adamw_torch_fused.
+        gradient_checkpointing (bool | 'auto' | 'offload', 'auto'): 'auto': the cheapest of off / on / offload that
+            fits in GPU memory (off on the CPU); 'offload' is Unsloth's offloaded checkpointing.
+        seed (int, 42): seeds data order, dropout and the LoRA initialisation.
+        bf16 (bool | None, None): bfloat16 training; None: bf16 on GPUs that have it, float32 on the CPU.
+        fp16 (bool | None, None): float16 training (GPU only); None: only on GPUs without bf16.
+        tf32 (bool | None, None): TF32 matmuls on NVIDIA GPUs.
+        flash_attention (bool | None, None): None: FlashAttention 2 when flash_attn is installed, else SDPA; True
+            without it is an error.
+        load_in_4bit (bool, False): QLoRA: 4-bit (bitsandbytes) base weights.
+        load_in_8bit (bool, False): 8-bit base weights (GPU only).
+        bnb_4bit_quant_type ('nf4' | 'fp4', 'nf4'): 4-bit data type (with load_in_4bit).
+        bnb_4bit_compute_dtype ('bfloat16' | 'float16' | 'float32' | None, None): 4-bit compute dtype; None: the
+            training dtype.
+        bnb_4bit_use_double_quant (bool, True): quantize the 4-bit quantization constants too.
+        max_tokens_per_gpu (int | None, None): token budget per micro batch. Not supported yet (token-budget
+            batching (use micro_batch_size / effective_batch_size)): only the default is accepted.
+        save_steps (int, 500): checkpoint every N optimizer steps and at the end.
+        save_total_limit (int | None, 3): complete checkpoints kept (None: all).
+        logging_steps (int, 1): log (console, training_metrics.jsonl, trackers) every N steps.
+        overwrite_output_dir (bool, False): replace an earlier run in ckpt_output_dir (not with
+            resume_from_checkpoint).
+        resume_from_checkpoint (bool | 'auto' | str | None, None): True: continue from the newest complete
+            checkpoint; 'auto': that, or start fresh; a path: that checkpoint.
+        save_merged (bool, False): also write ckpt_output_dir/merged: the LoRA folded into the 16-bit base.
+        save_samples (int | None, None): save samples during training. Not supported yet (saving samples (the
+            reference never implemented it either)): only the default is accepted.
+        checkpoint_at_epoch (bool | None, None): also checkpoint at the end of every epoch. Not supported yet (per-
+            epoch checkpoints (use save_steps)): only the default is accepted.
+        accelerate_full_state_at_epoch (bool | None, None): save accelerate's full state at every epoch. Not
+            supported yet (per-epoch accelerate state (use save_steps)): only the default is accepted.
+        wandb_project (str | None, None): Weights & Biases project. Not supported yet (Weights & Biases logging):
+            only the default is accepted.
+        wandb_entity (str | None, None): Weights & Biases entity. Not supported yet (Weights & Biases logging): only
+            the default is accepted.
+        wandb_run_name (str | None, None): Weights & Biases run name. Not supported yet (Weights & Biases logging):
+            only the default is accepted.
+        tensorboard_log_dir (str | None, None): folder for TensorBoard event files (the tensorboard extra).
+        mlflow_tracking_uri (str | None, None): MLflow tracking URI. Not supported yet (MLflow logging): only the
+            default is accepted.
+        mlflow_experiment_name (str | None, None): MLflow experiment. Not supported yet (MLflow logging): only the
+            default is accepted.
+        mlflow_run_name (str | None, None): MLflow run name. Not supported yet (MLflow logging): only the default is
+            accepted.
+        nproc_per_node (int | 'auto' | 'gpu' | None, None): processes per node; must equal the current launch's
+            (torchrun --nproc-per-node N; 1 for python).
+        nnodes (int | None, None): number of nodes. Not supported yet (multi-node training): only the default is
+            accepted.
+        node_rank (int | None, None): this node's rank. Not supported yet (multi-node training): only the default is
+            accepted.
+        rdzv_id (int | str | None, None): rendezvous id. Not supported yet (multi-node training): only the default
+            is accepted.
+        rdzv_endpoint (str | None, None): rendezvous endpoint host:port. Not supported yet (multi-node training):
+            only the default is accepted.
+        master_addr (str | None, None): master address. Not supported yet (multi-node training): only the default is
+            accepted.
+        master_port (int | None, None): master port. Not supported yet (multi-node training): only the default is
+            accepted.
+        enable_model_splitting (bool, False): split one model over several GPUs. Not supported yet (splitting one
+            model over several GPUs): only the default is accepted.
+        trust_remote_code (bool, False): allow the model's own Python code to run.
+        callbacks (list[Any] | None, None): transformers TrainerCallbacks added to the trainer (Python only).
+        dry_run (bool, False): validate, read and tokenize the data and print the plan; load no model, write
+            nothing.
 
     Returns:
         TrainingResult with model, tokenizer, trainer, paths, final metrics, plan and data summary.
@@ -165,274 +243,10 @@ def lora_sft(
         TrainingStopped (RuntimeError): SIGTERM/SIGINT (a checkpoint was saved) or divergence (a non-finite
             loss; the last good checkpoint is kept); the message says how to continue.
     """
-    config = LoraSFTConfig(**{name: value for name, value in locals().items()})
+    config = LoraSFTConfig(**locals())
+    from .recipe import run
+
     return run(config)
-
-
-def run(config: LoraSFTConfig) -> TrainingResult:
-    """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import checkpoints, data
-    from .models.adapters import unsloth_problems, with_adapter_settings
-    from .models.unsloth import import_unsloth
-    from .tracking import tracker_problems
-
-    out = Path(config.ckpt_output_dir)
-    _raise_problems(cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint)
-                    + tracker_problems(config))
-    resume = checkpoints.find_resume_point(out, config.resume_from_checkpoint)
-    config = with_adapter_settings(config)
-    if resume is not None:
-        _raise_problems(checkpoints.resume_config_problems(resume, config.to_dict()))
-    loaded = data.load_examples(config.data_path, **_data_fields(config))
-    log(f"data: {len(loaded)} rows, format {loaded.format} ({loaded.source})")
-    eval_loaded = None
-    if config.eval_split is not None:
-        loaded, eval_loaded = data.split_examples(loaded, config.eval_split, config.seed)
-        log(f"eval data: {eval_loaded.source}")
-    if config.eval_data_path is not None:
-        eval_loaded = data.load_examples(config.eval_data_path, **_data_fields(config))
-        log(f"eval data: {len(eval_loaded)} rows, format {eval_loaded.format} ({eval_loaded.source})")
-    backend = _resolve_backend(config.backend, import_unsloth)
-    if backend == "unsloth" and config.lora_adapter is not None:
-        _raise_problems(unsloth_problems(config.lora_adapter))
-    plan, tokenized, eval_tokenized, tokenizer = _plan_and_tokenize(config, loaded, eval_loaded, backend)
-    fingerprint = checkpoints.data_fingerprint(loaded.fingerprint, tokenized.summary.to_dict())
-    if resume is not None:
-        _raise_problems(checkpoints.resume_data_problems(resume, fingerprint))
-    if config.dry_run:
-        return _dry_run_result(config, plan, tokenized)
-    if resume is not None and resume.checkpoint is not None and resume.step >= (config.max_steps or float("inf")):
-        return _finish_from_checkpoint(config, plan, tokenized, resume.checkpoint)
-    return _train(config, plan, tokenizer, tokenized, eval_tokenized, resume, fingerprint)
-
-
-def _raise_problems(problems: list[str]) -> None:
-    if problems:
-        raise cfg.ConfigError(problems)
-
-
-def _data_fields(config: LoraSFTConfig) -> dict[str, Any]:
-    return dict(dataset_type=config.dataset_type, field_messages=config.field_messages,
-                field_instruction=config.field_instruction, field_input=config.field_input,
-                field_output=config.field_output)
-
-
-def _resolve_backend(requested: str, import_unsloth) -> str:
-    if requested == "peft":
-        return "peft"
-    reason = import_unsloth()
-    if reason is None:
-        return "unsloth"
-    if requested == "unsloth":
-        from .models.unsloth import INSTALL_HINT
-
-        raise ImportError(f"backend='unsloth' but Unsloth could not be imported ({reason}). {INSTALL_HINT}")
-    log(f"Unsloth is not available ({reason}); training with plain transformers + PEFT")
-    return "peft"
-
-
-def _plan_and_tokenize(config: LoraSFTConfig, loaded, eval_loaded, backend: str):
-    """Load the tokenizer, make the plan (errors before tokenizing), tokenize the training (and evaluation) data
-    the same way, refine the plan to the data. Returns (plan, tokenized, eval_tokenized or None, tokenizer)."""
-    from transformers import AutoConfig
-
-    from . import data, hardware
-    from .plan import ModelShape, make_plan
-
-    hw = hardware.detect()
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code))
-    make_plan(config, hw, backend, shape, config.max_seq_len, hardware.world_size())  # fail fast on impossible settings
-    tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
-    tokenize = functools.partial(data.tokenize_examples, tokenizer=tokenizer, max_seq_len=config.max_seq_len,
-                                 train_on_inputs=config.train_on_inputs, truncation=config.truncation,
-                                 cache_dir=config.data_output_dir)
-    tokenized = tokenize(loaded)
-    log(f"data summary:\n{tokenized.summary}")
-    eval_tokenized = tokenize(eval_loaded) if eval_loaded is not None else None
-    if eval_tokenized is not None:
-        log(f"eval data summary:\n{eval_tokenized.summary}")
-    seq_len = config.max_seq_len if (config.sample_packing or hw.is_gpu) else max(1, tokenized.summary.tokens_max)
-    summary = tokenized.summary
-    plan = make_plan(config, hw, backend, shape, seq_len, hardware.world_size(),
-                     mean_row_tokens=summary.tokens_total / max(1, summary.rows_out))
-    log(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
-    return plan, tokenized, eval_tokenized, tokenizer
-
-
-def load_tokenizer(model_path: str, trust_remote_code: bool = False):
-    """The model's tokenizer, with a pad token: the EOS token when it has none (padding is never trained on,
-    and the embeddings are never resized behind the user's back)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"The tokenizer of {model_path} has neither a pad nor an EOS token; add one to it "
-                             "(tokenizer.add_special_tokens) and save it before training")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
-    from dataclasses import asdict
-
-    out = Path(config.ckpt_output_dir)
-    log("dry run: nothing trained, nothing written")
-    return TrainingResult(output_dir=out, adapter_path=out, metrics_path=out / "training_metrics.jsonl",
-                          config_path=out / "run_config.json", plan=asdict(plan), data_summary=tokenized.summary.to_dict())
-
-
-def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, resume, fingerprint: str) -> TrainingResult:
-    from dataclasses import asdict
-
-    from . import checkpoints, manifest, tracking, training
-    from .models import load_model
-
-    out = _prepare_output(config, resume)
-    loaded_model = load_model(config, plan, tokenizer)
-    log(loaded_model.describe())
-    if not loaded_model.tokenizer.chat_template and tokenized.summary.format not in ("text", "passthrough"):
-        # The data was rendered with the fallback template (data.masking.make_renderer's rule: no usable
-        # template of its own): save it so generation uses the same format.
-        from .data import FALLBACK_CHAT_TEMPLATE
-
-        loaded_model.tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    metrics_path = out / training.METRICS_FILE
-    config_path = manifest.write(out, config, plan, tokenized.summary, loaded_model, fingerprint)
-    stop = checkpoints.StopRequest()
-    guard = checkpoints.guard_callback(out, stop, config.to_dict(), fingerprint, config.save_total_limit,
-                                       loss_scaler=plan.dtype == "float16")
-    callbacks = [training.metrics_callback(metrics_path), guard, *tracking.tracker_callbacks(config),
-                 *(config.callbacks or [])]
-    eval_dataset = eval_tokenized.dataset if eval_tokenized is not None else None
-    trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, eval_dataset,
-                                     config, plan, out, callbacks)
-    start = str(resume.checkpoint) if resume is not None and resume.checkpoint is not None else None
-    tokens_before = _tokens_seen(Path(start)) if start else 0  # read now: rotation may delete the checkpoint
-    with checkpoints.stop_on_signals(stop), training.sdpa_backends(plan.sdpa_backends):
-        output = trainer.train(resume_from_checkpoint=start)
-    _raise_if_stopped(stop, out, config, plan)
-    metrics = _final_metrics(output.metrics, trainer.state, plan, metrics_path if start else None, tokens_before)
-    _save_adapter(trainer, loaded_model.tokenizer, out)
-    if config.save_merged:
-        _save_merged(config, plan, out)
-    trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
-    manifest.write(out, config, plan, tokenized.summary, loaded_model, fingerprint, metrics=metrics)
-    mfu = f", MFU {metrics['mfu']:.1%} of {plan.peak_tflops:.0f} TFLOP/s" if "mfu" in metrics else ""
-    memory = f", peak {metrics['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in metrics else ""
-    log(f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
-        f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s{mfu}{memory}; adapter in {out}")
-    return TrainingResult(output_dir=out, adapter_path=out, metrics_path=metrics_path, config_path=config_path,
-                          metrics=metrics, plan=asdict(plan), data_summary=tokenized.summary.to_dict(),
-                          model=loaded_model.model, tokenizer=loaded_model.tokenizer, trainer=trainer)
-
-
-def _prepare_output(config: LoraSFTConfig, resume) -> Path:
-    """Create the output folder; when resuming, set aside checkpoints not used and cut the metrics back."""
-    from . import checkpoints, training
-    from .hardware import is_main_process
-
-    out = Path(config.ckpt_output_dir)
-    if not is_main_process():
-        return out
-    if config.overwrite_output_dir and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is None:
-        return out
-    for notice in checkpoints.set_aside(resume.set_aside):
-        log(notice)
-    dropped = checkpoints.truncate_metrics(out / training.METRICS_FILE, resume.step)
-    start = f"resuming from {resume.checkpoint} (step {resume.step})" if resume.checkpoint else "no checkpoint yet: starting fresh"
-    log(start + (f"; {dropped} metric rows after it removed" if dropped else ""))
-    return out
-
-
-def _finish_from_checkpoint(config: LoraSFTConfig, plan, tokenized, checkpoint: Path) -> TrainingResult:
-    """A resume whose checkpoint already reached max_steps: nothing to train (the Trainer would run one more step),
-    the final adapter is the checkpoint's (e.g. the run was stopped after its last checkpoint, before the end)."""
-    from dataclasses import asdict
-
-    from . import checkpoints, manifest, training
-    from .checkpoints import checkpoint_step
-    from .hardware import is_main_process
-
-    out = Path(config.ckpt_output_dir)
-    log(f"{checkpoint.name} is at step {checkpoint_step(checkpoint)} >= max_steps={config.max_steps}: nothing to train; "
-        f"the final adapter is {checkpoint.name}'s")
-    if is_main_process():
-        checkpoints.copy_adapter(checkpoint, out)
-        if config.save_merged:
-            _save_merged(config, plan, out)
-    return TrainingResult(output_dir=out, adapter_path=out, metrics_path=out / training.METRICS_FILE,
-                          config_path=out / manifest.MANIFEST_FILE, metrics={"global_step": checkpoint_step(checkpoint)},
-                          plan=asdict(plan), data_summary=tokenized.summary.to_dict())
-
-
-def _raise_if_stopped(stop, out: Path, config: LoraSFTConfig, plan) -> None:
-    from . import checkpoints
-
-    message = checkpoints.stopped_message(stop, out, config.learning_rate, plan.dtype)
-    if message is not None:
-        log(message)
-        raise checkpoints.TrainingStopped(message)
-
-
-def _save_merged(config: LoraSFTConfig, plan, out: Path) -> None:
-    from .export import merge_adapter_isolated
-    from .hardware import is_main_process
-
-    if is_main_process():
-        dtype = "float16" if plan.dtype == "float16" else "bfloat16"
-        merged = merge_adapter_isolated(config.model_path, out, out / "merged", dtype=dtype,
-                                        trust_remote_code=config.trust_remote_code)
-        log(f"merged {dtype} model in {merged}")
-
-
-def _tokens_seen(checkpoint: Path) -> int:
-    """Tokens the run had seen when `checkpoint` was written (its trainer_state.json)."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return int(state.get("num_input_tokens_seen") or 0)
-
-
-def _final_metrics(train_metrics: dict[str, Any], state, plan, resumed_metrics: Path | None = None,
-                   tokens_before: int = 0) -> dict[str, Any]:
-    metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in train_metrics.items()}
-    if resumed_metrics is not None:  # the Trainer averages only the steps of this process over all steps
-        from .checkpoints import resumed_train_loss
-
-        metrics["train_loss"] = resumed_train_loss(resumed_metrics) or metrics.get("train_loss")
-    runtime = metrics.get("train_runtime") or 0.0
-    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-    this_session = tokens - tokens_before  # a resumed run's runtime covers only the steps after the checkpoint
-    metrics.update(global_step=state.global_step, num_tokens=tokens,
-                   tokens_per_second=this_session / runtime if runtime else 0.0)
-    if plan.flops_per_token and plan.peak_tflops:
-        metrics["mfu"] = metrics["tokens_per_second"] * plan.flops_per_token / (plan.peak_tflops * 1e12)
-    if plan.device == "cuda":
-        import torch
-
-        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return metrics
-
-
-def _save_adapter(trainer, tokenizer, out: Path) -> None:
-    """Write the final adapter + tokenizer to a temporary folder, then move the files in (rank 0 only)."""
-    from .export import vllm_warnings
-    from .files import replace_files_in
-    from .hardware import is_main_process
-    from .models.adapters import ADAPTER_CONFIG
-
-    if not is_main_process():
-        return
-
-    def fill(tmp: Path) -> None:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    replace_files_in(out, fill)
-    for warning in vllm_warnings(json.loads((out / ADAPTER_CONFIG).read_text())):
-        log(f"warning: {warning}")
 
 
 def prepare_dataset(
@@ -453,21 +267,27 @@ def prepare_dataset(
 ):
     """Validate, normalize and tokenize a dataset exactly as `lora_sft` would, without loading a model.
 
-    Give `model_path` (its tokenizer is loaded) or a `tokenizer`. Returns a `TokenizedData` whose
-    `.dataset` has one row per example (`input_ids`, `labels` with -100 where no loss is taken) and whose
-    `.summary` counts rows, tokens and truncation; `training_hub.data.format_example(ids, labels, tokenizer)`
-    prints an example with the trained spans marked.
+    Give `model_path` (its tokenizer is loaded) or a `tokenizer`. The other parameters mean what they mean for
+    `lora_sft` (docs/parameters.md). Returns a `TokenizedData` whose `.dataset` has one row per example
+    (`input_ids`, `labels` with -100 where no loss is taken) and whose `.summary` counts rows, tokens and
+    truncation; `training_hub.data.format_example(ids, labels, tokenizer)` prints an example with the trained
+    spans marked.
     """
     from . import data
 
     if (model_path is None) == (tokenizer is None):
         raise ValueError("prepare_dataset needs exactly one of model_path= or tokenizer=")
-    loaded = data.load_examples(data_path, dataset_type=dataset_type, field_messages=field_messages,
-                                field_instruction=field_instruction, field_input=field_input, field_output=field_output)
+    problems = data.settings_problems(max_seq_len, truncation)
+    if problems:
+        raise cfg.ConfigError(problems)
+    settings = data.DataSettings(dataset_type=dataset_type, field_messages=field_messages,
+                                 field_instruction=field_instruction, field_input=field_input,
+                                 field_output=field_output, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
+                                 truncation=truncation, data_output_dir=data_output_dir)
+    loaded = data.load_examples(data_path, **settings.loading())
     if tokenizer is None:
-        tokenizer = load_tokenizer(model_path, trust_remote_code)
-    return data.tokenize_examples(loaded, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
-                                  truncation=truncation, cache_dir=data_output_dir)
+        tokenizer = data.load_tokenizer(model_path, trust_remote_code)
+    return data.tokenize_examples(loaded, tokenizer, **settings.tokenizing())
 
 
 def load(ckpt_output_dir: str | Path, device: str | None = None):
@@ -478,9 +298,11 @@ def load(ckpt_output_dir: str | Path, device: str | None = None):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
+    from .outputs import ADAPTER_CONFIG
+
     path = Path(ckpt_output_dir)
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json); point to a lora_sft output folder")
+    if not (path / ADAPTER_CONFIG).exists():
+        raise FileNotFoundError(f"{path} holds no adapter ({ADAPTER_CONFIG}); point to a lora_sft output folder")
     model = AutoPeftModelForCausalLM.from_pretrained(str(path))
     if device is not None:
         model = model.to(device)

@@ -1,5 +1,5 @@
-"""Checkpoints that are never half-written, resume that continues the same run, and the guards that stop a
-run cleanly (SIGTERM/SIGINT, a non-finite loss).
+"""Checkpoints that are never half-written, and the guards that stop a run cleanly (SIGTERM/SIGINT, a
+non-finite loss). Which checkpoint a run resumes from is `resume.py`'s.
 
 The Hugging Face Trainer writes `checkpoint-N/` in place (adapter, optimizer, scheduler, RNG states,
 trainer_state.json). When it has finished, `on_save` runs and we write `checkpoint-N/training_hub_complete.json`
@@ -11,35 +11,25 @@ Only complete checkpoints count towards `save_total_limit` (we rotate them ourse
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import re
 import shutil
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
 from .files import replace_files_in, write_atomic
 from .hardware import is_main_process
-from .models.adapters import ADAPTER_WEIGHTS
+from .outputs import CHECKPOINT_PREFIX, COMPLETE_MARKER, TRAINER_STATE
 
-COMPLETE_MARKER = "training_hub_complete.json"
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+logger = logging.getLogger("training_hub")
+CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
-# Settings that may differ between a run and its resumption (DECISIONS 11): length, saving, logging, and
-# where things are read from (the data itself is compared by fingerprint).
-MAY_CHANGE_ON_RESUME = frozenset({
-    "max_steps", "num_epochs", "save_steps", "save_total_limit", "logging_steps", "save_merged",
-    "resume_from_checkpoint", "overwrite_output_dir", "callbacks", "dry_run", "data_path", "data_output_dir",
-    "dataloader_num_workers", "eval_data_path", "wandb_project", "wandb_entity", "wandb_run_name", "tensorboard_log_dir",
-    "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name",
-})
 # Consecutive non-finite gradient norms after which an fp16 run (whose loss scaler skips such steps) has diverged.
 FP16_SKIPPED_STEPS_LIMIT = 10
 
@@ -67,59 +57,6 @@ def read_marker(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / COMPLETE_MARKER).read_text())
 
 
-@dataclass
-class ResumePoint:
-    """Where a run continues from: a complete checkpoint (or None to start fresh) and what to set aside."""
-
-    checkpoint: Path | None
-    step: int = 0
-    set_aside: list[Path] = field(default_factory=list)  # incomplete checkpoints, and complete ones newer than ours
-
-
-def find_resume_point(out: Path, resume: bool | str | None) -> ResumePoint | None:
-    """Read-only: which checkpoint `resume_from_checkpoint` means. None when not resuming.
-
-    True needs a complete checkpoint; "auto" takes the newest complete one or starts fresh; a path means
-    that checkpoint, which must exist and be complete.
-    """
-    if resume is None or resume is False:
-        return None
-    if isinstance(resume, str) and resume != "auto":
-        return _explicit_resume_point(out, Path(resume))
-    everything = list_checkpoints(out)
-    complete = [p for p in everything if is_complete(p)]
-    if complete:
-        chosen = complete[-1]
-        return ResumePoint(chosen, checkpoint_step(chosen), [p for p in everything if p != chosen and not is_complete(p)])
-    if resume is True:
-        raise ConfigError([f"resume_from_checkpoint=True but {str(out)!r} holds no complete checkpoint "
-                           f"({_describe(everything)}); pass resume_from_checkpoint='auto' to start fresh when "
-                           "there is none"])
-    if (out / ADAPTER_WEIGHTS).exists():
-        raise ConfigError([f"resume_from_checkpoint='auto': {str(out)!r} holds a finished adapter but no complete "
-                           "checkpoint to continue from; choose a new folder or pass overwrite_output_dir=True"])
-    return ResumePoint(None, 0, everything)
-
-
-def _describe(checkpoints: list[Path]) -> str:
-    if not checkpoints:
-        return "no checkpoint-N folder"
-    return f"only incomplete ones: {', '.join(p.name for p in checkpoints)}"
-
-
-def _explicit_resume_point(out: Path, path: Path) -> ResumePoint:
-    if not path.is_dir():
-        raise ConfigError([f"resume_from_checkpoint={str(path)!r}: no such folder"])
-    step = checkpoint_step(path)
-    if step is None or not (path / "trainer_state.json").is_file():
-        raise ConfigError([f"resume_from_checkpoint={str(path)!r} is not a checkpoint-N folder written by training"])
-    if not is_complete(path):
-        raise ConfigError([f"resume_from_checkpoint={str(path)!r} is incomplete (no {COMPLETE_MARKER}: the run was "
-                           "stopped while saving it); pass resume_from_checkpoint=True to take the newest complete one"])
-    later = [p for p in list_checkpoints(out) if checkpoint_step(p) > step or (checkpoint_step(p) < step and not is_complete(p))]
-    return ResumePoint(path, step, later if path.parent.resolve() == out.resolve() else [])
-
-
 def data_fingerprint(raw_fingerprint: str, summary: dict[str, Any]) -> str:
     """The training data's identity: the rows' content hash plus what tokenization kept (counts, template note)."""
     import hashlib
@@ -128,44 +65,7 @@ def data_fingerprint(raw_fingerprint: str, summary: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def resume_config_problems(point: ResumePoint, config_dict: dict[str, Any]) -> list[str]:
-    """Settings that differ from the checkpoint's run (only length, saving and logging may change)."""
-    if point.checkpoint is None:
-        return []
-    saved = read_marker(point.checkpoint)["config"]
-    now = json.loads(json.dumps(config_dict, default=str))
-    changed = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in sorted(now)
-               if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != now[k]]
-    if not changed:
-        return []
-    return [f"resume_from_checkpoint: {point.checkpoint} was trained with other settings ({'; '.join(changed)}). "
-            "Only max_steps, num_epochs and the save/log settings may change when resuming; start a new run "
-            "(optionally from its adapter: lora_adapter=<checkpoint folder>) to change the others"]
-
-
-def resume_data_problems(point: ResumePoint, data_fingerprint: str) -> list[str]:
-    if point.checkpoint is None:
-        return []
-    saved = read_marker(point.checkpoint).get("data_fingerprint")
-    if saved == data_fingerprint:
-        return []
-    return [f"resume_from_checkpoint: the training data differs from the data {point.checkpoint} was trained on "
-            f"(fingerprint {saved} then, {data_fingerprint} now); resuming would not continue the same run"]
-
-
-# ---- preparing the output folder for a resumed run ---------------------------------------------------------
-
-def set_aside(paths: list[Path]) -> list[str]:
-    """Rename checkpoints resume will not use to `checkpoint-N.set-aside-<time>` (never deleted). Returns notices."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    notices = []
-    for path in paths:
-        target = path.with_name(f"{path.name}.set-aside-{stamp}")
-        os.replace(path, target)
-        why = "complete but newer than the checkpoint resumed from" if is_complete(target) else "incomplete: the run stopped while saving it"
-        notices.append(f"set aside {path.name} ({why}) as {target.name}")
-    return notices
-
+# ---- the metrics file of a resumed run ---------------------------------------------------------------------
 
 def truncate_metrics(path: Path, step: int) -> int:
     """Drop metric rows after `step` (and end-of-run summaries) so a resumed run appends without duplicates.
@@ -195,7 +95,7 @@ def resumed_train_loss(metrics_path: Path) -> float | None:
     return total / steps if steps else None
 
 
-TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", TRAINER_STATE, "training_args.bin",
                         "README.md", COMPLETE_MARKER)
 
 
@@ -285,8 +185,8 @@ def stop_on_signals(stop: StopRequest):
         stop.signal_name = signal.Signals(signum).name
         signal.signal(signum, previous[signum])
         if is_main_process():
-            print(f"training_hub: {stop.signal_name} received: saving a checkpoint at the end of this step, then "
-                  "stopping (send it again to stop at once)", file=sys.stderr, flush=True)
+            logger.warning(f"{stop.signal_name} received: saving a checkpoint at the end of this step, then "
+                           "stopping (send it again to stop at once)")
 
     for s in previous:
         signal.signal(s, handler)

@@ -15,6 +15,7 @@ from typing import Any
 
 from .checkpoints import TrainingStopped
 from .config import PARAMETER_NAMES, ConfigError, LoraSFTConfig, check_parameter_names
+from .reference import cli_help
 
 # Parameters that only make sense from Python.
 PYTHON_ONLY = {"callbacks"}
@@ -51,12 +52,11 @@ def add_train_parser(sub) -> None:
     train.add_argument("--config", help="YAML file of lora_sft parameters")
     for f in dataclasses.fields(LoraSFTConfig):
         if f.name not in PYTHON_ONLY:
-            default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
-            train.add_argument(f"--{f.name}", type=parse_value, default=argparse.SUPPRESS, help=f"{f.type} ({default})")
+            train.add_argument(f"--{f.name}", type=parse_value, default=argparse.SUPPRESS, help=cli_help(f.name))
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .api import run
+    from .recipe import run
 
     values = read_config_file(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k in PARAMETER_NAMES})
@@ -69,8 +69,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    from .api import load_tokenizer, prepare_dataset
-    from .data import format_example
+    from .api import prepare_dataset
+    from .data import format_example, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     prepared = prepare_dataset(args.data, tokenizer=tokenizer, max_seq_len=args.max_seq_len,

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Union
 
 from .data.schema import DatasetType
+from .data.settings import settings_problems
 from .data.schema import TruncationMode as Truncation
 
 Backend = Literal["auto", "unsloth", "peft"]
@@ -37,6 +36,16 @@ InitLoraWeights = Union[bool, Literal["gaussian"]]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 
 
+REQUIRED = dataclasses.MISSING
+
+
+def param(default: Any, doc: str) -> Any:
+    """A config field with its one-line documentation (`REQUIRED` for the three positional parameters)."""
+    if default is REQUIRED:
+        return dataclasses.field(metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 class ConfigError(ValueError):
     """One or more parameters are invalid; the message lists every problem with its fix."""
 
@@ -48,102 +57,128 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraSFTConfig:
-    """Everything a LoRA/QLoRA supervised fine-tuning run needs. See docs/parameters.md."""
+    """Everything a LoRA/QLoRA supervised fine-tuning run needs: each field's one-line doc is written here, once.
+
+    `lora_sft`'s docstring, `training-hub lora-sft --help` and docs/parameters.md are checked against these
+    docs by tests (`training_hub.reference` regenerates them)."""
 
     # What to train and where to write it.
-    model_path: str
-    data_path: Any
-    ckpt_output_dir: str
-    backend: Backend = "auto"
+    model_path: str = param(REQUIRED, "local folder or hub id of a causal LM")
+    data_path: Any = param(REQUIRED, "training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a list "
+                                     "of dicts or a datasets.Dataset, in any format of docs/data.md (detected)")
+    ckpt_output_dir: str = param(REQUIRED, "output folder for the adapter, tokenizer, run_config.json, "
+                                           "training_metrics.jsonl and checkpoint-N folders (docs/checkpoints.md)")
+    backend: Backend = param("auto", "'unsloth' (fused kernels), 'peft' (plain transformers + PEFT), or 'auto': "
+                                     "Unsloth when it imports, else PEFT with a notice")
 
     # LoRA.
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None
-    use_rslora: bool = False
-    use_dora: bool = False
-    init_lora_weights: InitLoraWeights = True
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, int] | None = None
-    loftq_config: dict[str, Any] | None = None
-    lora_adapter: str | None = None
+    lora_r: int = param(16, "LoRA rank (> 0)")
+    lora_alpha: int = param(32, "LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA)")
+    lora_dropout: float = param(0.0, "dropout on the LoRA input, in [0, 1) (0 keeps Unsloth's fast path)")
+    target_modules: list[str] | None = param(None, "module names to adapt; None: every linear projection inside "
+                                                   "the decoder blocks (q/k/v/o/gate/up/down for Llama/Qwen)")
+    use_rslora: bool = param(False, "rank-stabilised LoRA scaling (alpha / sqrt(r))")
+    use_dora: bool = param(False, "DoRA (weight-decomposed LoRA; vLLM cannot serve DoRA adapters)")
+    init_lora_weights: InitLoraWeights = param(True, "PEFT's LoRA initialisation: True, False or 'gaussian' "
+                                                     "(PiSSA/OLoRA/EVA are not offered: they change the base or need a data pass)")
+    rank_pattern: dict[str, int] | None = param(None, "per-module rank overrides, PEFT semantics (e.g. {'q_proj': 8})")
+    alpha_pattern: dict[str, int] | None = param(None, "per-module alpha overrides, PEFT semantics")
+    loftq_config: dict[str, Any] | None = param(None, "LoftQ initialisation settings")
+    lora_adapter: str | None = param(None, "a saved PEFT LoRA adapter folder to continue training from; its r, "
+                                           "alpha, targets and dropout are used")
 
     # Data.
-    dataset_type: DatasetType = "auto"
-    field_messages: str = "messages"
-    field_instruction: str = "instruction"
-    field_input: str = "input"
-    field_output: str = "output"
-    train_on_inputs: bool = False
-    truncation: Truncation = "truncate"
-    max_seq_len: int = 2048
-    sample_packing: bool | None = None
-    data_output_dir: str | None = None
-    dataloader_num_workers: int = 0
-    eval_data_path: Any = None
-    eval_steps: int | None = None
-    eval_split: float | None = None
+    dataset_type: DatasetType = param("auto", "the rows' format; 'auto' detects it from their fields (docs/data.md)")
+    field_messages: str = param("messages", "column holding the conversation")
+    field_instruction: str = param("instruction", "alpaca instruction column")
+    field_input: str = param("input", "alpaca input column")
+    field_output: str = param("output", "alpaca output column")
+    train_on_inputs: bool = param(False, "loss on every token; False: on assistant answers (and their end-of-turn "
+                                         "token) only")
+    truncation: Truncation = param("truncate", "rows longer than max_seq_len: 'truncate' (keep the start), 'drop', "
+                                               "or 'error' naming the row")
+    max_seq_len: int = param(2048, "tokens per sequence and per packed bin (>= 2)")
+    sample_packing: bool | None = param(None, "pack several rows per sequence; None: on with a GPU, off on the CPU "
+                                              "(True on the CPU needs backend='peft')")
+    data_output_dir: str | None = param(None, "tokenized-data cache folder (default ~/.cache/training_hub/data; "
+                                               "'none' disables it)")
+    dataloader_num_workers: int = param(0, "processes collating batches; 0 collates in the training process")
+    eval_data_path: Any = param(None, "evaluation data, read and tokenized exactly like data_path; eval_loss is "
+                                      "logged")
+    eval_steps: int | None = param(None, "evaluate every N steps; None: once per epoch (needs eval_data_path or "
+                                         "eval_split)")
+    eval_split: float | None = param(None, "hold out this share of the training rows, in (0, 1), for evaluation")
 
     # Optimisation.
-    num_epochs: int = 3
-    max_steps: int | None = None
-    effective_batch_size: int | None = None
-    micro_batch_size: int | Literal["auto"] | None = None
-    gradient_accumulation_steps: int | None = None
-    learning_rate: float = 2e-4
-    lr_scheduler: LrScheduler = "linear"
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    max_grad_norm: float = 0.3
-    optim: Optimizer | None = None
-    gradient_checkpointing: GradientCheckpointing = "auto"
-    seed: int = 42
+    num_epochs: int = param(3, "passes over the data (unless max_steps)")
+    max_steps: int | None = param(None, "optimizer steps; overrides num_epochs")
+    effective_batch_size: int | None = param(None, "sequences per optimizer step over all processes; give any two "
+                                                   "of the three batch settings and the third is derived")
+    micro_batch_size: int | Literal["auto"] | None = param(None, "sequences per forward pass per process; 'auto': "
+                                                                 "the largest that fits; None with nothing else: 2")
+    gradient_accumulation_steps: int | None = param(None, "forward passes per optimizer step")
+    learning_rate: float = param(2e-4, "peak learning rate")
+    lr_scheduler: LrScheduler = param("linear", "transformers learning-rate schedule")
+    warmup_steps: int = param(10, "linear warm-up steps")
+    weight_decay: float = param(0.01, "AdamW weight decay")
+    max_grad_norm: float = param(0.3, "gradient clipping norm")
+    optim: Optimizer | None = param(None, "transformers optimizer name; None: adamw_8bit on a GPU with "
+                                          "bitsandbytes, else adamw_torch_fused")
+    gradient_checkpointing: GradientCheckpointing = param("auto", "'auto': the cheapest of off / on / offload that "
+                                                                  "fits in GPU memory (off on the CPU); 'offload' is "
+                                                                  "Unsloth's offloaded checkpointing")
+    seed: int = param(42, "seeds data order, dropout and the LoRA initialisation")
 
     # Precision, kernels, quantization.
-    bf16: bool | None = None
-    fp16: bool | None = None
-    tf32: bool | None = None
-    flash_attention: bool | None = None
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_compute_dtype: ComputeDtype | None = None
-    bnb_4bit_use_double_quant: bool = True
-    max_tokens_per_gpu: int | None = None
+    bf16: bool | None = param(None, "bfloat16 training; None: bf16 on GPUs that have it, float32 on the CPU")
+    fp16: bool | None = param(None, "float16 training (GPU only); None: only on GPUs without bf16")
+    tf32: bool | None = param(None, "TF32 matmuls on NVIDIA GPUs")
+    flash_attention: bool | None = param(None, "None: FlashAttention 2 when flash_attn is installed, else SDPA; "
+                                               "True without it is an error")
+    load_in_4bit: bool = param(False, "QLoRA: 4-bit (bitsandbytes) base weights")
+    load_in_8bit: bool = param(False, "8-bit base weights (GPU only)")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = param("nf4", "4-bit data type (with load_in_4bit)")
+    bnb_4bit_compute_dtype: ComputeDtype | None = param(None, "4-bit compute dtype; None: the training dtype")
+    bnb_4bit_use_double_quant: bool = param(True, "quantize the 4-bit quantization constants too")
+    max_tokens_per_gpu: int | None = param(None, "token budget per micro batch")
 
     # Saving, resuming, logging.
-    save_steps: int = 500
-    save_total_limit: int | None = 3
-    logging_steps: int = 1
-    overwrite_output_dir: bool = False
-    resume_from_checkpoint: bool | Literal["auto"] | str | None = None
-    save_merged: bool = False
-    save_samples: int | None = None
-    checkpoint_at_epoch: bool | None = None
-    accelerate_full_state_at_epoch: bool | None = None
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_run_name: str | None = None
-    tensorboard_log_dir: str | None = None
-    mlflow_tracking_uri: str | None = None
-    mlflow_experiment_name: str | None = None
-    mlflow_run_name: str | None = None
+    save_steps: int = param(500, "checkpoint every N optimizer steps and at the end")
+    save_total_limit: int | None = param(3, "complete checkpoints kept (None: all)")
+    logging_steps: int = param(1, "log (console, training_metrics.jsonl, trackers) every N steps")
+    overwrite_output_dir: bool = param(False, "replace an earlier run in ckpt_output_dir (not with "
+                                              "resume_from_checkpoint)")
+    resume_from_checkpoint: bool | Literal["auto"] | str | None = param(
+        None, "True: continue from the newest complete checkpoint; 'auto': that, or start fresh; a path: that "
+              "checkpoint")
+    save_merged: bool = param(False, "also write ckpt_output_dir/merged: the LoRA folded into the 16-bit base")
+    save_samples: int | None = param(None, "save samples during training")
+    checkpoint_at_epoch: bool | None = param(None, "also checkpoint at the end of every epoch")
+    accelerate_full_state_at_epoch: bool | None = param(None, "save accelerate's full state at every epoch")
+    wandb_project: str | None = param(None, "Weights & Biases project")
+    wandb_entity: str | None = param(None, "Weights & Biases entity")
+    wandb_run_name: str | None = param(None, "Weights & Biases run name")
+    tensorboard_log_dir: str | None = param(None, "folder for TensorBoard event files (the tensorboard extra)")
+    mlflow_tracking_uri: str | None = param(None, "MLflow tracking URI")
+    mlflow_experiment_name: str | None = param(None, "MLflow experiment")
+    mlflow_run_name: str | None = param(None, "MLflow run name")
 
     # Distributed.
-    nproc_per_node: int | Literal["auto", "gpu"] | None = None
-    nnodes: int | None = None
-    node_rank: int | None = None
-    rdzv_id: int | str | None = None
-    rdzv_endpoint: str | None = None
-    master_addr: str | None = None
-    master_port: int | None = None
-    enable_model_splitting: bool = False
+    nproc_per_node: int | Literal["auto", "gpu"] | None = param(
+        None, "processes per node; must equal the current launch's (torchrun --nproc-per-node N; 1 for python)")
+    nnodes: int | None = param(None, "number of nodes")
+    node_rank: int | None = param(None, "this node's rank")
+    rdzv_id: int | str | None = param(None, "rendezvous id")
+    rdzv_endpoint: str | None = param(None, "rendezvous endpoint host:port")
+    master_addr: str | None = param(None, "master address")
+    master_port: int | None = param(None, "master port")
+    enable_model_splitting: bool = param(False, "split one model over several GPUs")
 
     # Misc.
-    trust_remote_code: bool = False
-    callbacks: list[Any] | None = None
-    dry_run: bool = False
+    trust_remote_code: bool = param(False, "allow the model's own Python code to run")
+    callbacks: list[Any] | None = param(None, "transformers TrainerCallbacks added to the trainer (Python only)")
+    dry_run: bool = param(False, "validate, read and tokenize the data and print the plan; load no model, write "
+                                 "nothing")
 
     def __post_init__(self) -> None:
         problems = type_problems(self) or value_problems(self)
@@ -164,6 +199,7 @@ class LoraSFTConfig:
 
 
 PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LoraSFTConfig))
+PARAMETER_DOCS: dict[str, str] = {f.name: f.metadata["doc"] for f in dataclasses.fields(LoraSFTConfig)}
 
 # Parameters whose feature is not built yet: any value other than the default is refused with this reason,
 # never silently ignored.
@@ -199,13 +235,17 @@ def check_parameter_names(func_name: str, given: typing.Iterable[str], valid: ty
             raise TypeError(f"{func_name}() got an unexpected keyword argument '{name}'.{hint}")
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "None"
+    if typing.get_origin(tp) in (list, dict):
+        return f"{typing.get_origin(tp).__name__}[{', '.join(type_name(a) for a in typing.get_args(tp))}]"
+    if tp is Any:
+        return "Any"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -241,7 +281,7 @@ def type_problems(config: LoraSFTConfig) -> list[str]:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if not _matches(value, hints[f.name]):
-            problems.append(f"{f.name}={value!r}: expected {_type_name(hints[f.name])}")
+            problems.append(f"{f.name}={value!r}: expected {type_name(hints[f.name])}")
     return problems
 
 
@@ -265,12 +305,10 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
     for name in ("model_path", "ckpt_output_dir"):
         if not str(getattr(c, name)).strip():
             p.append(f"{name} is empty: give a path (or, for model_path, a hub id)")
-    model = str(c.model_path)
-    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
-        p.append(f"model_path={model!r}: no such folder (give a local model folder, or a hub id like 'Qwen/Qwen2.5-1.5B')")
     if c.data_path is None or (isinstance(c.data_path, str) and not c.data_path.strip()):
         p.append("data_path is empty: give a .jsonl/.json/.parquet/.csv file, a folder, a list of dicts or a Dataset")
-    p += _positive(c, ["lora_r", "lora_alpha", "num_epochs", "learning_rate", "max_seq_len", "save_steps", "logging_steps"])
+    p += _positive(c, ["lora_r", "lora_alpha", "num_epochs", "learning_rate", "save_steps", "logging_steps"])
+    p += settings_problems(c.max_seq_len, c.truncation)
     p += _positive(c, ["max_steps", "effective_batch_size", "gradient_accumulation_steps", "save_total_limit"], allow_none=True)
     p += _positive(c, ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"], allow_zero=True)
     if c.micro_batch_size is not None and c.micro_batch_size != "auto":
@@ -297,11 +335,6 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         p.append("bf16 and fp16 are both True: choose one (or neither, to let training_hub pick for the hardware)")
     if c.use_dora and c.load_in_8bit:
         p.append("use_dora with load_in_8bit is not supported by PEFT: use load_in_4bit or 16-bit")
-    launched = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if c.nproc_per_node is not None and c.nproc_per_node != launched:
-        p.append(f"nproc_per_node={c.nproc_per_node!r}: launching the processes from lora_sft is not supported yet, and "
-                 f"this launch has {launched} process(es) per node; run `torchrun --nproc-per-node N script.py` "
-                 "and leave nproc_per_node unset (or equal to N)")
     if not c.load_in_4bit:
         ignored = [n for n in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
                    if getattr(c, n) != LoraSFTConfig.__dataclass_fields__[n].default]
@@ -329,24 +362,3 @@ def _callback_problems(callbacks: list[Any]) -> list[str]:
         if not any(hasattr(cb, m) for m in ("on_log", "on_step_end", "on_train_begin", "on_train_end", "on_save")):
             out.append(f"callbacks[{i}]={cb!r}: expected a transformers.TrainerCallback (class or instance)")
     return out
-
-
-def output_dir_problems(ckpt_output_dir: str | Path, overwrite_output_dir: bool,
-                        resume_from_checkpoint: bool | str | None = None) -> list[str]:
-    """Refuse to mix a new run into a folder that holds earlier work (checked before anything is written).
-
-    Resuming continues the run in the folder (checkpoints.find_resume_point checks what it holds)."""
-    out = Path(ckpt_output_dir)
-    if out.exists() and not out.is_dir():
-        return [f"ckpt_output_dir={str(out)!r} exists and is not a folder"]
-    resuming = resume_from_checkpoint not in (None, False)
-    if not out.is_dir() or overwrite_output_dir or resuming:
-        return []
-    earlier = sorted(
-        p.name for p in out.iterdir()
-        if p.name in ("adapter_model.safetensors", "training_metrics.jsonl", "run_config.json") or p.name.startswith("checkpoint-")
-    )
-    if earlier:
-        return [f"ckpt_output_dir={str(out)!r} already holds a run ({', '.join(earlier[:4])}): choose a new folder, "
-                "pass resume_from_checkpoint=True (or 'auto') to continue it, or overwrite_output_dir=True to replace it"]
-    return []

@@ -13,8 +13,8 @@ from typing import Any
 
 from .files import write_atomic
 from .hardware import is_main_process
+from .outputs import MANIFEST_FILE
 
-MANIFEST_FILE = "run_config.json"
 PACKAGES = ("training-hub", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth",
             "unsloth_zoo", "bitsandbytes", "xformers", "flash_attn")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import ConfigError, LoraSFTConfig
+from .data.schema import DataSummary
 from .hardware import Hardware
 
 # Only the part of free GPU memory that a run may plan to fill: beyond ~70% the allocator thrashes
@@ -249,19 +250,24 @@ def peak_tflops(hw: Hardware) -> float | None:
     return next((tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in hw.gpu_name), None)
 
 
-def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelShape | None, seq_len: int,
-              world: int = 1, mean_row_tokens: float | None = None) -> RunPlan:
-    """All hardware-dependent decisions for one run. Raises ConfigError for impossible combinations."""
+def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelShape | None, world: int = 1,
+              data: DataSummary | None = None) -> RunPlan:
+    """All hardware-dependent decisions for one run, sized to the tokenized `data` when given.
+
+    Sequences are `max_seq_len` long when packed (and on a GPU, where batches are sized for the worst case);
+    unpacked CPU batches are padded to their longest row at most. Raises ConfigError for impossible combinations."""
     if (config.load_in_4bit or config.load_in_8bit) and not hw.bitsandbytes_installed:
         raise ConfigError(["load_in_4bit/load_in_8bit need bitsandbytes: pip install bitsandbytes"])
     if config.load_in_8bit and not hw.is_gpu:
         raise ConfigError(["load_in_8bit=True needs a GPU (bitsandbytes' 8-bit matmul has no CPU kernel); "
                            "use load_in_4bit=True or 16-bit LoRA on the CPU"])
+    packing, pack_notes = resolve_packing(config, hw, backend)
+    seq_len = config.max_seq_len if (packing or hw.is_gpu or data is None) else max(1, data.tokens_max)
+    mean_row_tokens = data.tokens_total / max(1, data.rows_out) if data is not None else None
     dtype, notes = resolve_precision(config, hw)
     checkpointing, max_micro, ckpt_notes = choose_checkpointing_and_micro(config, hw, shape, seq_len, backend)
     micro, accumulation, effective, batch_notes = resolve_batch(
         config.effective_batch_size, config.micro_batch_size, config.gradient_accumulation_steps, world, max_micro)
-    packing, pack_notes = resolve_packing(config, hw, backend)
     optim, optim_notes = resolve_optimizer(config, hw)
     attention, sdpa_backends, attn_notes = resolve_attention(config, hw, backend, packing)
     return RunPlan(

@@ -11,8 +11,6 @@ from .config import LoraSFTConfig
 from .hardware import is_main_process
 from .plan import RunPlan
 
-METRICS_FILE = "training_metrics.jsonl"
-
 
 def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, evaluate: bool = False):
     """Every TrainingArguments field that matters is passed explicitly: Unsloth patches the defaults."""
@@ -137,3 +135,28 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_metrics(train_metrics: dict[str, Any], state, plan: RunPlan, resumed_metrics: Path | None = None,
+                  tokens_before: int = 0) -> dict[str, Any]:
+    """The Trainer's end-of-run metrics, plus tokens/s over this session's tokens, MFU and peak GPU memory.
+
+    After a resume, train_loss is the whole run's (from the metrics file): the Trainer averages only the steps
+    of this process over all steps."""
+    metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in train_metrics.items()}
+    if resumed_metrics is not None:
+        from .checkpoints import resumed_train_loss
+
+        metrics["train_loss"] = resumed_train_loss(resumed_metrics) or metrics.get("train_loss")
+    runtime = metrics.get("train_runtime") or 0.0
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    this_session = tokens - tokens_before  # a resumed run's runtime covers only the steps after the checkpoint
+    metrics.update(global_step=state.global_step, num_tokens=tokens,
+                   tokens_per_second=this_session / runtime if runtime else 0.0)
+    if plan.flops_per_token and plan.peak_tflops:
+        metrics["mfu"] = metrics["tokens_per_second"] * plan.flops_per_token / (plan.peak_tflops * 1e12)
+    if plan.device == "cuda":
+        import torch
+
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics

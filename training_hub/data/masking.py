@@ -1,6 +1,6 @@
 """Loss masking: render a conversation with the chat template, find each answer's characters, map to tokens.
 
-The rule (DECISIONS 14): every assistant answer carries loss, from the end of the rendered prefix with the
+The rule: every assistant answer carries loss, from the end of the rendered prefix with the
 generation prompt to the end of its first end-of-turn/EOS token (not the newline after it). Character
 spans are mapped to tokens through the fast tokenizer's offsets, so any template works without
 ``{% generation %}`` markers, as long as rendering is incremental (each prefix renders as a prefix).

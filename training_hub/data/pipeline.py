@@ -14,7 +14,8 @@ from typing import Any
 from .cache import cache_key, load_cached, resolve_cache_dir, save_cached
 from .loading import MAX_LISTED_PROBLEMS, problem_report
 from .masking import IGNORE_INDEX, Renderer, labels_from_spans, make_renderer, render_with_spans
-from .schema import TRUNCATION_MODES, DataError, DataSummary, Example, LoadedData, TokenizedData
+from .settings import settings_problems
+from .schema import DataError, DataSummary, Example, LoadedData, TokenizedData
 
 CHUNK_ROWS = 1000  # rows per tokenizer call
 PARALLEL_MIN_ROWS = 20_000  # below this, num_proc=None means one process
@@ -111,11 +112,7 @@ def format_note(fmt: str, renderer: Renderer) -> str:
 
 
 def check_arguments(max_seq_len: int, truncation: str, num_proc: int | None) -> None:
-    problems = []
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-        problems.append(f"max_seq_len={max_seq_len!r}: use an int >= 2")
-    if truncation not in TRUNCATION_MODES:
-        problems.append(f"truncation={truncation!r}: use one of {', '.join(TRUNCATION_MODES)}")
+    problems = settings_problems(max_seq_len, truncation)
     if num_proc is not None and (not isinstance(num_proc, int) or num_proc < 1):
         problems.append(f"num_proc={num_proc!r}: use None or an int >= 1")
     if problems:

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, LoraSFTConfig
+from ..outputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # LoraSFTConfig field -> adapter_config.json key, for the settings that define the adapter's shape.
 SHAPE_FIELDS = {
     "lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "target_modules",

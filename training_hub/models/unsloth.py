@@ -6,6 +6,7 @@ that may train with Unsloth calls `import_unsloth()` before anything imports tra
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from ..config import LoraSFTConfig
@@ -15,6 +16,7 @@ from .common import (LoadedModel, check_quantized, count_parameters, device_map,
                      torch_dtype)
 from .targets import check_targets_exist, linear_projection_names
 
+logger = logging.getLogger("training_hub")
 INSTALL_HINT = ('pip install "training-hub[lora]" (on a CUDA machine); on a CPU-only machine see the README '
                 "(unsloth==2026.10.9 with --no-deps)")
 
@@ -32,8 +34,8 @@ def import_unsloth() -> str | None:
         import torch
 
         if torch.cuda.is_available():
-            print(f"training_hub: {', '.join(late)} was imported before Unsloth, so some of Unsloth's speed-ups may "
-                  "not apply; `import training_hub` (or unsloth) before transformers/trl/peft.", file=sys.stderr)
+            logger.warning(f"{', '.join(late)} was imported before Unsloth, so some of Unsloth's speed-ups may not "
+                           "apply; `import training_hub` (or unsloth) before transformers/trl/peft.")
     return None
 
 

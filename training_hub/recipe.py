@@ -1,0 +1,226 @@
+"""The run, stage by stage: check -> read data -> plan and tokenize -> load the model -> train -> save.
+
+Nothing is written and no model is loaded until the config, the environment and every data row have been
+checked. Each stage is a function taking and returning small typed records.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, LoraSFTConfig
+from .result import TrainingResult
+
+logger = logging.getLogger("training_hub")
+
+
+@dataclass
+class Data:
+    """Validated rows: the training set and the evaluation set (a file, a split, or none)."""
+
+    train: Any  # data.LoadedData
+    eval: Any = None
+
+
+@dataclass
+class Prepared:
+    """Everything decided before a model is loaded: the plan, the tokenizer and the tokenized data."""
+
+    plan: Any  # plan.RunPlan
+    tokenizer: Any
+    train: Any  # data.TokenizedData
+    eval: Any  # data.TokenizedData | None
+    fingerprint: str  # the training data's identity, checked on resume
+
+
+@dataclass
+class Trained:
+    trainer: Any
+    metrics: dict[str, Any]
+
+
+def run(config: LoraSFTConfig) -> TrainingResult:
+    """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
+    from . import logs, outputs
+    from .models.adapters import with_adapter_settings
+
+    logs.enable_default_output()
+    out = Path(config.ckpt_output_dir)
+    resume = check_environment(config, out)
+    config = with_adapter_settings(config)
+    raise_problems(resume.config_problems(config.to_dict()))
+    data = read_data(config)
+    backend = choose_backend(config)
+    prepared = plan_and_tokenize(config, data, backend)
+    raise_problems(resume.data_problems(prepared.fingerprint))
+    if config.dry_run:
+        logger.info("dry run: nothing trained, nothing written")
+        return outputs.result(out, prepared.plan, prepared.train.summary)
+    if resume.reached(config.max_steps):
+        return finish_from_checkpoint(config, prepared, resume.checkpoint, out)
+    model = load_model(config, prepared)
+    trained = train(config, prepared, model, resume, out)
+    return save(config, prepared, model, trained, out)
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_environment(config: LoraSFTConfig, out: Path):
+    """What the config cannot know alone: paths, the launch, the output folder, trackers. Returns the `Resume`."""
+    from . import outputs
+    from .environment import environment_problems
+    from .resume import find_resume
+    from .tracking import tracker_problems
+
+    resuming = config.resume_from_checkpoint not in (None, False)
+    raise_problems(environment_problems(config) + outputs.folder_problems(out, config.overwrite_output_dir, resuming)
+                   + tracker_problems(config))
+    return find_resume(out, config.resume_from_checkpoint)
+
+
+def read_data(config: LoraSFTConfig) -> Data:
+    """Read and validate every row of the training (and evaluation) data."""
+    from . import data
+
+    settings = data.DataSettings.from_config(config)
+    train = data.load_examples(config.data_path, **settings.loading())
+    logger.info(f"data: {len(train)} rows, format {train.format} ({train.source})")
+    evaluation = None
+    if config.eval_split is not None:
+        train, evaluation = data.split_examples(train, config.eval_split, config.seed)
+        logger.info(f"eval data: {evaluation.source}")
+    if config.eval_data_path is not None:
+        evaluation = data.load_examples(config.eval_data_path, **settings.loading())
+        logger.info(f"eval data: {len(evaluation)} rows, format {evaluation.format} ({evaluation.source})")
+    return Data(train, evaluation)
+
+
+def choose_backend(config: LoraSFTConfig) -> str:
+    """'unsloth' when it imports (it must be imported before transformers), else 'peft' with a notice."""
+    from .models.adapters import unsloth_problems
+    from .models.unsloth import INSTALL_HINT, import_unsloth
+
+    if config.backend == "peft":
+        return "peft"
+    reason = import_unsloth()
+    if reason is not None and config.backend == "unsloth":
+        raise ImportError(f"backend='unsloth' but Unsloth could not be imported ({reason}). {INSTALL_HINT}")
+    if reason is not None:
+        logger.info(f"Unsloth is not available ({reason}); training with plain transformers + PEFT")
+        return "peft"
+    if config.lora_adapter is not None:
+        raise_problems(unsloth_problems(config.lora_adapter))
+    return "unsloth"
+
+
+def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str) -> Prepared:
+    """Tokenize the training and evaluation data the same way, then make the plan for this data and hardware."""
+    from transformers import AutoConfig
+
+    from . import checkpoints, hardware
+    from .data import DataSettings, load_tokenizer, tokenize_examples
+    from .plan import ModelShape, make_plan
+
+    tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
+    tokenize = functools.partial(tokenize_examples, tokenizer=tokenizer, **DataSettings.from_config(config).tokenizing())
+    train = tokenize(data.train)
+    logger.info(f"data summary:\n{train.summary}")
+    evaluation = tokenize(data.eval) if data.eval is not None else None
+    if evaluation is not None:
+        logger.info(f"eval data summary:\n{evaluation.summary}")
+    hw = hardware.detect()
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code))
+    plan = make_plan(config, hw, backend, shape, hardware.world_size(), train.summary)
+    logger.info(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
+    fingerprint = checkpoints.data_fingerprint(data.train.fingerprint, train.summary.to_dict())
+    return Prepared(plan, tokenizer, train, evaluation, fingerprint)
+
+
+def load_model(config: LoraSFTConfig, prepared: Prepared):
+    """The base model with LoRA, on the plan's backend, holding the tokenizer the data was tokenized with."""
+    from .data import FALLBACK_CHAT_TEMPLATE
+    from .models import load_model as load_for_backend
+
+    loaded = load_for_backend(config, prepared.plan, prepared.tokenizer)
+    logger.info(loaded.describe())
+    if not loaded.tokenizer.chat_template and prepared.train.summary.format not in ("text", "passthrough"):
+        # The data was rendered with the fallback template (the tokenizer has no usable template of its own):
+        # save it with the adapter so generation uses the same format.
+        loaded.tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return loaded
+
+
+def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -> Trained:
+    """Train to the end (or raise TrainingStopped), writing checkpoints, metrics and the manifest into `out`."""
+    from . import checkpoints, manifest, outputs, tracking, training
+
+    outputs.create(out, config.overwrite_output_dir)
+    resume.prepare_output(out)
+    manifest.write(out, config, prepared.plan, prepared.train.summary, model, prepared.fingerprint)
+    stop = checkpoints.StopRequest()
+    guard = checkpoints.guard_callback(out, stop, config.to_dict(), prepared.fingerprint, config.save_total_limit,
+                                       loss_scaler=prepared.plan.dtype == "float16")
+    callbacks = [training.metrics_callback(out / outputs.METRICS_FILE), guard, *tracking.tracker_callbacks(config),
+                 *(config.callbacks or [])]
+    eval_dataset = prepared.eval.dataset if prepared.eval is not None else None
+    trainer = training.build_trainer(model.model, model.tokenizer, prepared.train.dataset, eval_dataset, config,
+                                     prepared.plan, out, callbacks)
+    tokens_before = resume.tokens_seen()
+    with checkpoints.stop_on_signals(stop), training.sdpa_backends(prepared.plan.sdpa_backends):
+        output = trainer.train(resume_from_checkpoint=resume.trainer_argument)
+    message = checkpoints.stopped_message(stop, out, config.learning_rate, prepared.plan.dtype)
+    if message is not None:
+        logger.error(message)
+        raise checkpoints.TrainingStopped(message)
+    resumed_metrics = out / outputs.METRICS_FILE if resume.checkpoint is not None else None
+    metrics = training.final_metrics(output.metrics, trainer.state, prepared.plan, resumed_metrics, tokens_before)
+    return Trained(trainer, metrics)
+
+
+def save(config: LoraSFTConfig, prepared: Prepared, model, trained: Trained, out: Path) -> TrainingResult:
+    """The final adapter and tokenizer, the merged model on request, and the manifest with the final metrics."""
+    from . import manifest, outputs
+
+    outputs.save_adapter(trained.trainer.model, model.tokenizer, out)
+    if config.save_merged:
+        outputs.save_merged(config.model_path, out, merged_dtype(prepared.plan), config.trust_remote_code)
+    trained.trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
+    manifest.write(out, config, prepared.plan, prepared.train.summary, model, prepared.fingerprint, trained.metrics)
+    logger.info(done_line(trained.metrics, prepared.plan, out))
+    return outputs.result(out, prepared.plan, prepared.train.summary, trained.metrics, model.model, model.tokenizer,
+                          trained.trainer)
+
+
+def finish_from_checkpoint(config: LoraSFTConfig, prepared: Prepared, checkpoint: Path, out: Path) -> TrainingResult:
+    """A resume whose checkpoint already reached max_steps: nothing to train (the Trainer would run one more step);
+    the final adapter is the checkpoint's (e.g. the run was stopped after its last checkpoint, before the end)."""
+    from . import checkpoints, outputs
+    from .hardware import is_main_process
+
+    step = checkpoints.checkpoint_step(checkpoint)
+    logger.info(f"{checkpoint.name} is at step {step} >= max_steps={config.max_steps}: nothing to train; "
+                f"the final adapter is {checkpoint.name}'s")
+    if is_main_process():
+        checkpoints.copy_adapter(checkpoint, out)
+        if config.save_merged:
+            outputs.save_merged(config.model_path, out, merged_dtype(prepared.plan), config.trust_remote_code)
+    return outputs.result(out, prepared.plan, prepared.train.summary, {"global_step": step})
+
+
+def merged_dtype(plan) -> str:
+    """A merged model is 16-bit: float16 for fp16 runs, else bfloat16."""
+    return "float16" if plan.dtype == "float16" else "bfloat16"
+
+
+def done_line(metrics: dict[str, Any], plan, out: Path) -> str:
+    mfu = f", MFU {metrics['mfu']:.1%} of {plan.peak_tflops:.0f} TFLOP/s" if "mfu" in metrics else ""
+    memory = f", peak {metrics['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in metrics else ""
+    return (f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
+            f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s{mfu}{memory}; adapter in {out}")
