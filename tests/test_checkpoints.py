@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from training_hub import checkpoints, lora_sft
-from training_hub.config import ConfigError
-from training_hub.outputs import folder_problems
+from training_hub import checkpoints, load, lora_sft
+from training_hub.config import ConfigError, LoraSFTConfig
+from training_hub.outputs import FINAL_MARKER, folder_problems
 from training_hub.resume import find_resume, set_aside
 
 JOB = Path(__file__).with_name("e2e_job.py")
@@ -54,6 +54,7 @@ def test_resume_true_needs_a_complete_checkpoint(tmp_path):
 def test_auto_starts_fresh_without_a_checkpoint_but_never_over_a_finished_adapter(tmp_path):
     assert find_resume(tmp_path / "new", "auto").checkpoint is None
     (tmp_path / "adapter_model.safetensors").write_bytes(b"finished")
+    (tmp_path / "training_hub_final.json").write_text("{}")  # the final save completed
     with pytest.raises(ConfigError, match="finished adapter"):
         find_resume(tmp_path, "auto")
 
@@ -72,9 +73,11 @@ def test_explicit_checkpoint_must_exist_and_be_complete(tmp_path):
 
 def test_output_folder_with_a_run_is_refused_unless_resuming_or_overwriting(tmp_path):
     fake_checkpoint(tmp_path, 2)
-    (problem,) = folder_problems(tmp_path, overwrite_output_dir=False, resuming=False)
+    settings = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir=str(tmp_path))
+    (problem,) = folder_problems(LoraSFTConfig(**settings))
     assert "resume_from_checkpoint=True" in problem and "overwrite_output_dir=True" in problem
-    assert folder_problems(tmp_path, False, resuming=True) == []
+    assert folder_problems(LoraSFTConfig(**settings, resume_from_checkpoint="auto")) == []
+    assert folder_problems(LoraSFTConfig(**settings, dry_run=True)) == []  # a dry run writes nothing
     with pytest.raises(ConfigError, match="choose one"):
         lora_sft("m", "d.jsonl", str(tmp_path), overwrite_output_dir=True, resume_from_checkpoint=True)
 
@@ -195,10 +198,13 @@ def test_kill_and_resume_equals_the_uninterrupted_run(backend, tiny_model_factor
 
     # killed after the last checkpoint but before the final adapter: resume trains nothing and writes it
     final = (killed / "adapter_model.safetensors").read_bytes()
+    (killed / FINAL_MARKER).unlink()  # the final save removes the marker first and writes it last
     (killed / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no complete final adapter"):
+        load(killed)
     again = job(**settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
     assert "nothing to train" in again.stderr
-    assert (killed / "adapter_model.safetensors").read_bytes() == final
+    assert (killed / "adapter_model.safetensors").read_bytes() == final and (killed / FINAL_MARKER).exists()
     assert step_losses(killed) == step_losses(whole)
 
 def sigterm_after_three_logged_steps(command: list[str], settings: dict, out: Path):

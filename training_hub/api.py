@@ -298,11 +298,14 @@ def load(ckpt_output_dir: str | Path, device: str | None = None):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    from .outputs import ADAPTER_CONFIG
+    from .outputs import ADAPTER_CONFIG, final_adapter_problem
 
     path = Path(ckpt_output_dir)
     if not (path / ADAPTER_CONFIG).exists():
         raise FileNotFoundError(f"{path} holds no adapter ({ADAPTER_CONFIG}); point to a lora_sft output folder")
+    problem = final_adapter_problem(path)
+    if problem is not None:
+        raise ValueError(problem)
     model = AutoPeftModelForCausalLM.from_pretrained(str(path))
     if device is not None:
         model = model.to(device)

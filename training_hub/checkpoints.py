@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import replace_files_in, write_atomic
+from .files import write_atomic
 from .hardware import is_main_process
-from .outputs import CHECKPOINT_PREFIX, COMPLETE_MARKER, TRAINER_STATE
+from .outputs import CHECKPOINT_PREFIX, COMPLETE_MARKER, TRAINER_STATE, replace_final_adapter
 
 logger = logging.getLogger("training_hub")
 CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -99,14 +99,14 @@ TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", TRAINER_STA
                         "README.md", COMPLETE_MARKER)
 
 
-def copy_adapter(checkpoint: Path, out: Path) -> None:
+def copy_adapter(checkpoint: Path, out: Path, step: int | None) -> None:
     """Make a checkpoint's adapter and tokenizer the final ones in `out` (temp folder, then moved in)."""
     def fill(tmp: Path) -> None:
         for item in checkpoint.iterdir():
             if item.is_file() and item.name not in TRAINING_STATE_FILES and not item.name.startswith("rng_state"):
                 shutil.copy2(item, tmp / item.name)
 
-    replace_files_in(out, fill)
+    replace_final_adapter(out, fill, step)
 
 
 # ---- marking, rotating -------------------------------------------------------------------------------------

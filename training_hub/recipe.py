@@ -63,8 +63,9 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     if resume.reached(config.max_steps):
         return finish_from_checkpoint(config, prepared, resume.checkpoint, out)
     model = load_model(config, prepared)
-    trained = train(config, prepared, model, resume, out)
-    return save(config, prepared, model, trained, out)
+    with outputs.claimed(out, config.overwrite_output_dir):
+        trained = train(config, prepared, model, resume, out)
+        return save(config, prepared, model, trained, out)
 
 
 def raise_problems(problems: list[str]) -> None:
@@ -79,9 +80,7 @@ def check_environment(config: LoraSFTConfig, out: Path):
     from .resume import find_resume
     from .tracking import tracker_problems
 
-    resuming = config.resume_from_checkpoint not in (None, False)
-    raise_problems(environment_problems(config) + outputs.folder_problems(out, config.overwrite_output_dir, resuming)
-                   + tracker_problems(config))
+    raise_problems(environment_problems(config) + outputs.folder_problems(config) + tracker_problems(config))
     return find_resume(out, config.resume_from_checkpoint)
 
 
@@ -161,14 +160,13 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
     """Train to the end (or raise TrainingStopped), writing checkpoints, metrics and the manifest into `out`."""
     from . import checkpoints, manifest, outputs, tracking, training
 
-    outputs.create(out, config.overwrite_output_dir)
     resume.prepare_output(out)
     manifest.write(out, config, prepared.plan, prepared.train.summary, model, prepared.fingerprint)
     stop = checkpoints.StopRequest()
     guard = checkpoints.guard_callback(out, stop, config.to_dict(), prepared.fingerprint, config.save_total_limit,
                                        loss_scaler=prepared.plan.dtype == "float16")
-    callbacks = [training.metrics_callback(out / outputs.METRICS_FILE), guard, *tracking.tracker_callbacks(config),
-                 *(config.callbacks or [])]
+    callbacks = [training.metrics_callback(out / outputs.METRICS_FILE), guard, outputs.discard_replaced_callback(out),
+                 *tracking.tracker_callbacks(config), *(config.callbacks or [])]
     eval_dataset = prepared.eval.dataset if prepared.eval is not None else None
     trainer = training.build_trainer(model.model, model.tokenizer, prepared.train.dataset, eval_dataset, config,
                                      prepared.plan, out, callbacks)
@@ -188,7 +186,8 @@ def save(config: LoraSFTConfig, prepared: Prepared, model, trained: Trained, out
     """The final adapter and tokenizer, the merged model on request, and the manifest with the final metrics."""
     from . import manifest, outputs
 
-    outputs.save_adapter(trained.trainer.model, model.tokenizer, out)
+    outputs.save_adapter(trained.trainer.model, model.tokenizer, out, trained.metrics.get("global_step"))
+    outputs.discard_replaced_runs(out)
     if config.save_merged:
         outputs.save_merged(config.model_path, out, merged_dtype(prepared.plan), config.trust_remote_code)
     trained.trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
@@ -208,7 +207,7 @@ def finish_from_checkpoint(config: LoraSFTConfig, prepared: Prepared, checkpoint
     logger.info(f"{checkpoint.name} is at step {step} >= max_steps={config.max_steps}: nothing to train; "
                 f"the final adapter is {checkpoint.name}'s")
     if is_main_process():
-        checkpoints.copy_adapter(checkpoint, out)
+        checkpoints.copy_adapter(checkpoint, out, step)
         if config.save_merged:
             outputs.save_merged(config.model_path, out, merged_dtype(prepared.plan), config.trust_remote_code)
     return outputs.result(out, prepared.plan, prepared.train.summary, {"global_step": step})

@@ -19,7 +19,7 @@ from . import checkpoints
 from .checkpoints import checkpoint_step, is_complete, list_checkpoints, read_marker
 from .config import ConfigError
 from .hardware import is_main_process
-from .outputs import ADAPTER_WEIGHTS, COMPLETE_MARKER, METRICS_FILE, TRAINER_STATE
+from .outputs import COMPLETE_MARKER, FINAL_MARKER, METRICS_FILE, TRAINER_STATE
 
 logger = logging.getLogger("training_hub")
 
@@ -112,7 +112,7 @@ def find_resume(out: Path, resume_from_checkpoint: bool | str | None) -> Resume:
         raise ConfigError([f"resume_from_checkpoint=True but {str(out)!r} holds no complete checkpoint "
                            f"({_describe(everything)}); pass resume_from_checkpoint='auto' to start fresh when "
                            "there is none"])
-    if (out / ADAPTER_WEIGHTS).exists():
+    if (out / FINAL_MARKER).exists():
         raise ConfigError([f"resume_from_checkpoint='auto': {str(out)!r} holds a finished adapter but no complete "
                            "checkpoint to continue from; choose a new folder or pass overwrite_output_dir=True"])
     return Resume(None, 0, everything, True)
