@@ -30,6 +30,16 @@ def test_cli_rejects_unknown_config_key(tmp_path, capsys):
     assert "unknown parameter 'lora_rank'" in err and "Did you mean 'lora_r'" in err
 
 
+def test_cli_refuses_a_config_key_given_twice(tmp_path, capsys):
+    from training_hub.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_path: m\ndata_path: d.jsonl\nlora_r: 8\nckpt_output_dir: out\nlora_r: 64\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert f"{cfg}:5: 'lora_r' is given twice (first on line 3)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_values_are_typed(tmp_path, capsys):
     from training_hub.cli import main
 
