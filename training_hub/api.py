@@ -171,7 +171,7 @@ def lora_sft(
 
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import checkpoints, data
+    from . import checkpoints, data, preflight
     from .models.adapters import unsloth_problems, with_adapter_settings
     from .models.unsloth import import_unsloth
     from .tracking import tracker_problems
@@ -196,6 +196,7 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     if backend == "unsloth" and config.lora_adapter is not None:
         _raise_problems(unsloth_problems(config.lora_adapter))
     plan, tokenized, eval_tokenized, tokenizer = _plan_and_tokenize(config, loaded, eval_loaded, backend)
+    preflight.check(config, tokenizer, plan, tokenized.summary, resume.checkpoint if resume is not None else None)
     fingerprint = checkpoints.data_fingerprint(loaded.fingerprint, tokenized.summary.to_dict())
     if resume is not None:
         _raise_problems(checkpoints.resume_data_problems(resume, fingerprint))
@@ -309,11 +310,12 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
                                      config, plan, out, callbacks)
     start = str(resume.checkpoint) if resume is not None and resume.checkpoint is not None else None
     tokens_before = _tokens_seen(Path(start)) if start else 0  # read now: rotation may delete the checkpoint
-    with checkpoints.stop_on_signals(stop), training.sdpa_backends(plan.sdpa_backends):
+    with checkpoints.stop_on_signals(stop), training.sdpa_backends(plan.sdpa_backends), checkpoints.disk_full_errors(out):
         output = trainer.train(resume_from_checkpoint=start)
     _raise_if_stopped(stop, out, config, plan)
     metrics = _final_metrics(output.metrics, trainer.state, plan, metrics_path if start else None, tokens_before)
-    _save_adapter(trainer, loaded_model.tokenizer, out)
+    with checkpoints.disk_full_errors(out):
+        _save_adapter(trainer, loaded_model.tokenizer, out)
     if config.save_merged:
         _save_merged(config, plan, out)
     trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving

@@ -22,9 +22,10 @@ from .data.schema import TruncationMode as Truncation
 
 Backend = Literal["auto", "unsloth", "peft"]
 GradientCheckpointing = Union[bool, Literal["auto", "offload"]]
+# transformers' "cosine_with_min_lr" and "warmup_stable_decay" are not offered: they need scheduler arguments
+# (min_lr / num_decay_steps) that lora_sft does not take, and would fail only after the model has loaded.
 LrScheduler = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 ]
 # Hugging Face optimizer names we have run; others are refused rather than passed on untested.
 Optimizer = Literal[
