@@ -67,9 +67,9 @@ def check(config: LoraSFTConfig, tokenizer: Any, plan: Any, summary: Any, resume
         problems += target_problems
         if config.lora_adapter is not None:
             problems += adapter_shape_problems(Path(config.lora_adapter), meta)
-        size = run_size(config, plan, summary, meta, targets, model_config)
-        if is_main_process():
-            problems += output_problems(Path(config.ckpt_output_dir), size.bytes_needed)
+        size = run_size(config, plan, summary, meta, targets)
+    if is_main_process():
+        problems += output_problems(Path(config.ckpt_output_dir), size.bytes_needed if size is not None else 0)
     if resume_checkpoint is not None:
         problems += checkpoint_file_problems(resume_checkpoint)
     if problems:
@@ -95,12 +95,12 @@ def model_file_problems(model_path: str) -> list[str]:
 
 def safetensors_problem(file: Path, label: str, fix: str) -> str | None:
     """Why `file` cannot be read as safetensors (truncated, not safetensors), or None. Reads the header only."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), framework="pt") as handle:
             handle.keys()
-    except Exception as error:  # safetensors raises SafetensorError (not importable by name) or OSError
+    except (SafetensorError, OSError) as error:
         return f"{label} is damaged ({str(error).strip() or type(error).__name__}; {file.stat().st_size:,} bytes): {fix}"
     return None
 
@@ -210,7 +210,7 @@ def base_model_warnings(adapter: str | Path, model_path: str) -> list[str]:
 
 # ---- the output folder -----------------------------------------------------------------------------------------
 
-def run_size(config: LoraSFTConfig, plan: Any, summary: Any, meta, targets: list[str], model_config) -> RunSize:
+def run_size(config: LoraSFTConfig, plan: Any, summary: Any, meta, targets: list[str]) -> RunSize:
     """Steps, sequences and the disk space the run's checkpoints, final adapter (and merged model) take."""
     lora = lora_parameter_count(meta, targets, config.lora_r, config.use_dora)
     sequences = summary.rows_out
@@ -218,7 +218,7 @@ def run_size(config: LoraSFTConfig, plan: Any, summary: Any, meta, targets: list
         sequences = max(1, math.ceil(summary.tokens_total / config.max_seq_len))
     batch = plan.effective_batch_size
     steps = config.max_steps or math.ceil(sequences / batch) * config.num_epochs
-    saves = steps // config.save_steps
+    saves = steps // config.save_steps + 1  # every save_steps, and at the end
     kept = min(saves, (config.save_total_limit or saves) + 1)  # one more exists while the oldest is rotated out
     needed = kept * (lora * CHECKPOINT_BYTES_PER_PARAMETER + CHECKPOINT_OVERHEAD_BYTES)
     needed += lora * FINAL_ADAPTER_BYTES_PER_PARAMETER + CHECKPOINT_OVERHEAD_BYTES
