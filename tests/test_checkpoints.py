@@ -303,6 +303,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_factory, g
     assert not (out / "adapter_model.safetensors").exists()
 
 
+def test_zero_gradients_stop_the_run_and_a_torn_metrics_line_does_not_block_resume(tiny_model_factory, greeting_jsonl,
+                                                                                   tmp_path):
+    base = tiny_model_factory("llama", "chatml")
+    out = tmp_path / "out"
+    settings = dict(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend="peft",
+                    lora_r=4, max_steps=12, save_steps=2, data_output_dir="none")
+    proc = job(expect_ok=False, **settings, _zero_input_from_step=3)
+    assert "Training diverged: the gradient norm was exactly 0 for 5 logged steps in a row up to step 7" in proc.stderr
+    assert "checkpoint-6" in proc.stderr and not (out / "adapter_model.safetensors").exists()
+    assert [row["grad_norm"] for row in metric_rows(out) if "grad_norm" in row][2:] == [0.0] * 5
+    metrics = out / "training_metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 8, "loss": 6.09')  # as if killed mid-write
+    resumed = job(**settings, resume_from_checkpoint=True)
+    assert f"{metrics}:9 was cut off" in resumed.stderr
+    assert [row["step"] for row in metric_rows(out) if "loss" in row] == list(range(1, 13))
+    assert json.loads(resumed.stdout.splitlines()[-1])["metrics"]["global_step"] == 12
+
+
 @pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tiny_model_factory, greeting_jsonl, tmp_path):
     """torchrun forwards SIGTERM to its workers; they agree on the step, save one checkpoint with both RNG files."""
