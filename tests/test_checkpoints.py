@@ -303,8 +303,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_factory, g
     assert not (out / "adapter_model.safetensors").exists()
 
 
-def test_zero_gradients_stop_the_run_and_a_torn_metrics_line_does_not_block_resume(tiny_model_factory, greeting_jsonl,
-                                                                                   tmp_path):
+def test_zero_gradients_stop_the_run_a_damaged_checkpoint_is_named_and_a_torn_metrics_line_is_dropped(
+        tiny_model_factory, greeting_jsonl, tmp_path):
     base = tiny_model_factory("llama", "chatml")
     out = tmp_path / "out"
     settings = dict(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend="peft",
@@ -313,10 +313,19 @@ def test_zero_gradients_stop_the_run_and_a_torn_metrics_line_does_not_block_resu
     assert "Training diverged: the gradient norm was exactly 0 for 5 logged steps in a row up to step 7" in proc.stderr
     assert "checkpoint-6" in proc.stderr and not (out / "adapter_model.safetensors").exists()
     assert [row["grad_norm"] for row in metric_rows(out) if "grad_norm" in row][2:] == [0.0] * 5
+    optimizer = out / "checkpoint-6" / "optimizer.pt"
+    whole = optimizer.read_bytes()
+    optimizer.write_bytes(whole[:-500])  # a damaged file in a complete checkpoint: named before the model loads
+    refused = job(expect_ok=False, **settings, resume_from_checkpoint=True)
+    assert f"resume_from_checkpoint: {optimizer} is damaged (not a whole torch file" in refused.stderr
+    assert f"resume_from_checkpoint={str(out / 'checkpoint-4')!r}" in refused.stderr
+    assert len(optimizer.read_bytes()) == len(whole) - 500 and "Loading weights" not in refused.stderr
+    optimizer.write_bytes(whole)
     metrics = out / "training_metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 8, "loss": 6.09')  # as if killed mid-write
     resumed = job(**settings, resume_from_checkpoint=True)
     assert f"{metrics}:9 was cut off" in resumed.stderr
+    assert "Loading weights" in resumed.stderr  # what the refused attempt must not have printed
     assert [row["step"] for row in metric_rows(out) if "loss" in row] == list(range(1, 13))
     assert json.loads(resumed.stdout.splitlines()[-1])["metrics"]["global_step"] == 12
 
