@@ -7,6 +7,8 @@ Usage: python tests/e2e_job.py '{"model_path": ..., "data_path": ..., "ckpt_outp
 Test-only keys (popped before lora_sft is called; each becomes a callback):
     "_kill_after_save_step": k   SIGKILL this process right after checkpoint-k is saved (and marked complete).
     "_nan_from_step": k          make the loss NaN from optimizer step k on (an output hook on the embeddings).
+    "_zero_input_from_step": k   multiply the embeddings' output by 0 from step k on: with a bias-free architecture
+                                 (llama) every LoRA gradient is then exactly 0.
 """
 
 import json
@@ -18,7 +20,8 @@ import sys
 def test_callbacks(kwargs: dict) -> list:
     kill_step = kwargs.pop("_kill_after_save_step", None)
     nan_step = kwargs.pop("_nan_from_step", None)
-    if kill_step is None and nan_step is None:
+    zero_step = kwargs.pop("_zero_input_from_step", None)
+    if kill_step is None and nan_step is None and zero_step is None:
         return []
     if kwargs.get("backend") != "peft":  # Unsloth must be imported before transformers
         from training_hub.models.unsloth import import_unsloth
@@ -34,16 +37,17 @@ def test_callbacks(kwargs: dict) -> list:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         callbacks.append(KillAfterSave())
-    if nan_step is not None:
-        class NaNFromStep(TrainerCallback):
-            hooked = False
+    class ScaleEmbeddingsFromStep(TrainerCallback):
+        def __init__(self, step: int, factor: float):
+            self.step, self.factor, self.hooked = step, factor, False
 
-            def on_step_begin(self, args, state, control, model=None, **kw):
-                if state.global_step + 1 >= nan_step and not self.hooked:
-                    model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
-                    self.hooked = True
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step + 1 >= self.step and not self.hooked:
+                model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * self.factor)
+                self.hooked = True
 
-        callbacks.append(NaNFromStep())
+    callbacks += [ScaleEmbeddingsFromStep(step, factor)
+                  for step, factor in ((nan_step, float("nan")), (zero_step, 0.0)) if step is not None]
     return callbacks
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from training_hub import checkpoints, load, lora_sft
 from training_hub.config import ConfigError, LoraSFTConfig
@@ -104,6 +105,21 @@ def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
+def test_a_torn_last_metrics_line_is_dropped_with_a_notice_and_a_damaged_middle_line_is_named(tmp_path, caplog):
+    path = tmp_path / "training_metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0} for s in range(1, 5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')  # killed mid-write
+    with caplog.at_level("WARNING", logger="training_hub"):
+        assert checkpoints.truncate_metrics(path, 3) == 1
+    assert f"{path}:5 was cut off" in caplog.text
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert checkpoints.resumed_train_loss(path) == 1.0
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ConfigError, match=f"{path}:2 is not a JSON metrics row"):
+        checkpoints.truncate_metrics(path, 3)
+    assert path.read_text().count("\n") == 3  # left as it was
+
+
 def test_rotation_counts_only_complete_checkpoints(tmp_path):
     for step in (1, 2, 3):
         fake_checkpoint(tmp_path, step)
@@ -122,6 +138,46 @@ def test_divergence_rules():
     stop = checkpoints.StopRequest()
     stop.note_loss(float("inf"), 7)
     assert stop.diverged == "the training loss is inf at step 7"
+
+
+def test_zero_gradients_or_exploded_weights_for_five_logged_steps_stop_the_run():
+    stop = checkpoints.StopRequest()
+    for step in range(1, 5):
+        stop.note_grad_norm(0.0, step, loss_scaler=False)
+    stop.note_grad_norm(0.3, 5, loss_scaler=False)  # a real gradient resets the count
+    for step in range(6, 10):
+        stop.note_grad_norm(0.0, step, loss_scaler=False)
+    assert stop.diverged is None
+    stop.note_grad_norm(0.0, 10, loss_scaler=False)
+    assert stop.diverged == ("the gradient norm was exactly 0 for 5 logged steps in a row up to step 10: the adapter "
+                             "no longer learns (a flat loss)")
+    stop = checkpoints.StopRequest()
+    stop.note_weight_scale(0.125, 0)  # at the start
+    for step, scale in enumerate([90.0, 1e6, 1e7, 1e8, 1e9, 110.0, 1e6, 1e7, 1e8, 1e9], start=1):
+        stop.note_weight_scale(scale, step)  # limit max(1000 x 0.125, 100) = 125: 90 and 110 are under it
+    assert stop.diverged is None
+    stop.note_weight_scale(1e10, 7)
+    assert "the largest adapter weight was above 125 (1000x its 0.125 at the start) for 5 logged steps in a row, " \
+           "1e+10 at step 7: the weights exploded" == stop.diverged
+
+
+def test_the_guard_callback_stops_a_run_whose_gradients_stay_zero(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    model = torch.nn.Linear(4, 4)
+    stop = checkpoints.StopRequest()
+    guard = checkpoints.guard_callback(tmp_path, stop, {}, "fp", None, loss_scaler=False)
+    state, control = SimpleNamespace(global_step=0), TrainerControl()
+    guard.on_train_begin(None, state, control, model=model)
+    for step in range(1, 6):
+        state.global_step = step
+        guard.on_log(None, state, control, logs={"loss": 6.0, "grad_norm": 0.0}, model=model)
+    assert control.should_training_stop and not control.should_save
+    message = checkpoints.stopped_message(stop, tmp_path, 1e6, "float32")
+    assert message.startswith("Training diverged: the gradient norm was exactly 0 for 5 logged steps")
+    assert "learning_rate=1e+06" in message
 
 
 def test_signal_handlers_are_scoped():
@@ -253,6 +309,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_factory, g
     good = adapter_weights(out / "checkpoint-4")
     assert all(v.isfinite().all() for v in good.values())
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_zero_gradients_stop_the_run_a_damaged_checkpoint_is_named_and_a_torn_metrics_line_is_dropped(
+        tiny_model_factory, greeting_jsonl, tmp_path):
+    base = tiny_model_factory("llama", "chatml")
+    out = tmp_path / "out"
+    settings = dict(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend="peft",
+                    lora_r=4, max_steps=12, save_steps=2, data_output_dir="none")
+    proc = job(expect_ok=False, **settings, _zero_input_from_step=3)
+    assert "Training diverged: the gradient norm was exactly 0 for 5 logged steps in a row up to step 7" in proc.stderr
+    assert "checkpoint-6" in proc.stderr and not (out / "adapter_model.safetensors").exists()
+    assert [row["grad_norm"] for row in metric_rows(out) if "grad_norm" in row][2:] == [0.0] * 5
+    optimizer = out / "checkpoint-6" / "optimizer.pt"
+    whole = optimizer.read_bytes()
+    optimizer.write_bytes(whole[:-500])  # a damaged file in a complete checkpoint: named before the model loads
+    refused = job(expect_ok=False, **settings, resume_from_checkpoint=True)
+    assert f"resume_from_checkpoint: {optimizer} is damaged (not a whole torch file" in refused.stderr
+    assert f"resume_from_checkpoint={str(out / 'checkpoint-4')!r}" in refused.stderr
+    assert len(optimizer.read_bytes()) == len(whole) - 500 and "Loading weights" not in refused.stderr
+    optimizer.write_bytes(whole)
+    metrics = out / "training_metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 8, "loss": 6.09')  # as if killed mid-write
+    resumed = job(**settings, resume_from_checkpoint=True)
+    assert f"{metrics}:9 was cut off" in resumed.stderr
+    assert "Loading weights" in resumed.stderr  # what the refused attempt must not have printed
+    assert [row["step"] for row in metric_rows(out) if "loss" in row] == list(range(1, 13))
+    assert json.loads(resumed.stdout.splitlines()[-1])["metrics"]["global_step"] == 12
 
 
 @pytest.mark.slow

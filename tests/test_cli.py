@@ -29,3 +29,10 @@ def test_cli_preview_marks_the_trained_text(tiny_model_factory, greeting_jsonl, 
                  "--num-examples", "1"]) == 0
     out = capsys.readouterr().out
     assert "48 of 48 rows kept" in out and "[[Hello, Alice! Nice to meet you.<|im_end|>]]" in out
+
+
+def test_cli_refuses_a_config_key_given_twice(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_path: m\ndata_path: d.jsonl\nlora_r: 8\nckpt_output_dir: out\nlora_r: 64\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert f"{cfg}:5: 'lora_r' is given twice (first on line 3)" in capsys.readouterr().err

@@ -120,3 +120,39 @@ def test_save_merged_from_an_unsloth_run(tiny_model_factory, greeting_jsonl, tmp
     assert torch.allclose(logits(merged), logits(reference), atol=5e-2)  # merged weights are rounded to bf16
     base_logits = logits(AutoModelForCausalLM.from_pretrained(base))
     assert (base_logits - logits(reference)).abs().max() > 0.3  # what training changed is far above the rounding
+
+
+def test_merge_refuses_outputs_that_are_inside_or_hold_its_inputs_and_writes_nothing(tiny_model_factory, tmp_path):
+    from training_hub.config import ConfigError
+
+    base = tiny_model_factory("qwen2", "chatml")
+    run = tmp_path / "run"
+    adapter = make_adapter(base, run / "checkpoint-2")
+    (run / "notes.md").write_text("mine")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for out, fragment in [(adapter, "is inside adapter_path"), (run, "holds adapter_path"),
+                          (adapter / "sub", "is inside adapter_path"), (base / "merged", "is inside base_model_path")]:
+        with pytest.raises(ConfigError, match=fragment):
+            merge_adapter(str(base), adapter, out, overwrite=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (base / "merged").exists()
+    assert (merge_adapter(str(base), adapter, adapter / "merged") / "model.safetensors").exists()  # save_merged's place
+
+
+def test_merge_refuses_a_base_of_other_shapes_or_another_base_unless_allowed(tiny_model_factory, tmp_path):
+    import shutil
+
+    from training_hub.config import ConfigError
+    from training_hub.tiny import save_tiny_model
+
+    base = tiny_model_factory("qwen2", "chatml")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    narrow = save_tiny_model(tmp_path / "narrow", hidden_size=32)
+    with pytest.raises(ConfigError, match=r"does not fit Qwen2ForCausalLM \(model.layers.0.mlp.down_proj.in_features "
+                                          r"is 64, the adapter's lora_A has 128; .* and 9 more\)"):
+        merge_adapter(str(narrow), adapter, tmp_path / "merged", allow_other_base=True)
+    twin = shutil.copytree(base, tmp_path / "twin")  # same shapes, another model as far as the adapter knows
+    with pytest.raises(ConfigError, match=f"was trained on '{base}', not on base_model_path='{twin}'.*allow_other_base=True"):
+        merge_adapter(str(twin), adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    assert (merge_adapter(str(twin), adapter, tmp_path / "merged", allow_other_base=True) / "model.safetensors").exists()

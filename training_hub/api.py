@@ -161,8 +161,8 @@ def lora_sft(
         gradient_accumulation_steps (int | None, None): forward passes per optimizer step.
         learning_rate (float, 0.0002): peak learning rate.
         lr_scheduler ('linear' | 'cosine' | 'cosine_with_restarts' | 'polynomial' | 'constant' |
-            'constant_with_warmup' | 'inverse_sqrt' | 'cosine_with_min_lr' | 'warmup_stable_decay', 'linear'):
-            transformers learning-rate schedule.
+            'constant_with_warmup' | 'inverse_sqrt', 'linear'): transformers learning-rate schedule
+            (cosine_with_min_lr and warmup_stable_decay are refused: they need arguments lora_sft does not take).
         warmup_steps (int, 10): linear warm-up steps.
         weight_decay (float, 0.01): AdamW weight decay.
         max_grad_norm (float, 0.3): gradient clipping norm.

@@ -10,6 +10,7 @@ Only complete checkpoints count towards `save_total_limit` (we rotate them ourse
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
 from .files import write_atomic
 from .hardware import is_main_process
 from .outputs import CHECKPOINT_PREFIX, COMPLETE_MARKER, TRAINER_STATE, replace_final_adapter
@@ -32,6 +34,13 @@ CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 # Consecutive non-finite gradient norms after which an fp16 run (whose loss scaler skips such steps) has diverged.
 FP16_SKIPPED_STEPS_LIMIT = 10
+# Logged steps in a row after which exactly-zero gradients (a flat loss: nothing is learned any more) or exploded
+# adapter weights stop the run. "Exploded": the largest |weight| is this many times what it was at the start (and
+# above the floor, so that a start near zero does not count); training at sane learning rates moves LoRA weights
+# by well under 2x (measured: 0.125 -> 0.126 over 15 steps at 2e-4; 1e6 -> 9e9 in 2 steps at learning_rate=1e6).
+STALLED_LOGGED_STEPS = 5
+EXPLODED_WEIGHT_FACTOR = 1000.0
+EXPLODED_WEIGHT_FLOOR = 100.0
 
 
 # ---- finding and validating checkpoints --------------------------------------------------------------------
@@ -70,13 +79,31 @@ def data_fingerprint(raw_fingerprint: str, summary: dict[str, Any]) -> str:
 def truncate_metrics(path: Path, step: int) -> int:
     """Drop metric rows after `step` (and end-of-run summaries) so a resumed run appends without duplicates.
 
+    A last line torn by a kill mid-write is dropped with a notice; a damaged line before it is an error naming it.
     Returns the number of rows dropped."""
     if not path.exists():
         return 0
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if _keep_row(json.loads(line), step)]
-    write_atomic(path, "".join(line + "\n" for line in kept))
+    rows = read_metric_rows(path)
+    kept = [row for row in rows if _keep_row(row, step)]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
     return len(rows) - len(kept)
+
+
+def read_metric_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of training_metrics.jsonl; a torn last line (the run was killed while writing it) is left out with
+    a notice, any other line that is not JSON is a ConfigError naming path:line."""
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
+             if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number != lines[-1][0]:
+                raise ConfigError([f"{path}:{number} is not a JSON metrics row ({error.msg}); delete or repair that line "
+                                   "to resume"]) from None
+            logger.warning("%s:%d was cut off when the run was stopped (%r); dropping that line", path, number, line[:80])
+    return rows
 
 
 def _keep_row(row: dict[str, Any], step: int) -> bool:
@@ -86,8 +113,7 @@ def _keep_row(row: dict[str, Any], step: int) -> bool:
 def resumed_train_loss(metrics_path: Path) -> float | None:
     """Mean training loss over all steps from the metrics file (each logged loss averages the steps since the last)."""
     total, last, steps = 0.0, 0, 0
-    for line in metrics_path.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for row in read_metric_rows(metrics_path):
         if "loss" in row and isinstance(row["loss"], (int, float)):
             total += row["loss"] * (row["step"] - last)
             steps += row["step"] - last
@@ -127,11 +153,58 @@ def rotate(out: Path, limit: int | None) -> None:
         shutil.rmtree(old)
 
 
-# ---- stopping cleanly --------------------------------------------------------------------------------------
+# ---- a full disk -------------------------------------------------------------------------------------------
+
+# torch.save reports a full disk as "unexpected pos ..." or "[Errno 22] Invalid argument" (the errno is lost), so a
+# failed write with less free space than this is taken for a full disk too.
+DISK_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def nearest_existing(folder: Path) -> Path:
+    """`folder`, or the closest folder above it that exists (where it would be created)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def disk_full_message(error: BaseException, folder: Path) -> str | None:
+    """The message for `error`, raised while writing into `folder`, when it came from a full disk; else None."""
+    free = shutil.disk_usage(nearest_existing(folder)).free
+    if getattr(error, "errno", None) != errno.ENOSPC and free >= DISK_NEARLY_FULL_BYTES:
+        return None
+    complete = [p for p in list_checkpoints(folder) if is_complete(p)]
+    last = f"the last complete checkpoint, {complete[-1].name}, is kept" if complete else "no checkpoint was complete yet"
+    detail = str(error).splitlines()[0] if str(error) else ""
+    return (f"No space left on device while writing into {folder}: {format_bytes(free)} free ({type(error).__name__}: "
+            f"{detail}). Free space or move ckpt_output_dir to a larger disk; {last}, and resume_from_checkpoint=True "
+            "continues from it")
+
 
 class TrainingStopped(RuntimeError):
     """Training stopped before the end: a signal (checkpoint saved) or divergence (last good checkpoint kept)."""
 
+
+class DiskFull(TrainingStopped):
+    """Writing into the output folder failed because its disk is full (the last complete checkpoint is kept)."""
+
+
+@contextmanager
+def disk_full_errors(folder: Path):
+    """Turn an error raised by a write into `folder` on a full disk into DiskFull naming the folder and the free space."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        message = disk_full_message(error, folder)
+        if message is None:
+            raise
+        raise DiskFull(message) from error
+
+
+# ---- stopping cleanly --------------------------------------------------------------------------------------
 
 @dataclass
 class StopRequest:
@@ -142,6 +215,9 @@ class StopRequest:
     bad_grad: str | None = None
     bad_weights: str | None = None
     fp16_skipped: int = 0
+    zero_grad_steps: int = 0
+    exploded_steps: int = 0
+    start_weight_scale: float | None = None
 
     @property
     def diverged(self) -> str | None:
@@ -153,6 +229,10 @@ class StopRequest:
             self.bad_loss = f"the training loss is {loss} at step {step}"
 
     def note_grad_norm(self, norm: float | None, step: int, loss_scaler: bool) -> None:
+        self.zero_grad_steps = self.zero_grad_steps + 1 if norm == 0.0 else 0
+        if self.bad_grad is None and self.zero_grad_steps >= STALLED_LOGGED_STEPS:
+            self.bad_grad = (f"the gradient norm was exactly 0 for {self.zero_grad_steps} logged steps in a row up to step "
+                             f"{step}: the adapter no longer learns (a flat loss)")
         if norm is None or math.isfinite(norm):
             self.fp16_skipped = 0
             return
@@ -163,6 +243,18 @@ class StopRequest:
             self.bad_grad = f"the gradient norm is {norm} at step {step}"
         elif self.fp16_skipped >= FP16_SKIPPED_STEPS_LIMIT:
             self.bad_grad = f"the gradient norm was non-finite for {self.fp16_skipped} logged steps in a row up to step {step}"
+
+    def note_weight_scale(self, scale: float, step: int) -> None:
+        """`scale`: the largest |adapter weight|; the first value noted (at the start of training) is the reference."""
+        if self.start_weight_scale is None:
+            self.start_weight_scale = scale
+            return
+        limit = max(EXPLODED_WEIGHT_FACTOR * self.start_weight_scale, EXPLODED_WEIGHT_FLOOR)
+        self.exploded_steps = self.exploded_steps + 1 if math.isfinite(scale) and scale > limit else 0
+        if self.bad_weights is None and self.exploded_steps >= STALLED_LOGGED_STEPS:
+            self.bad_weights = (f"the largest adapter weight was above {limit:.3g} ({EXPLODED_WEIGHT_FACTOR:g}x its "
+                                f"{self.start_weight_scale:.3g} at the start) for {self.exploded_steps} logged steps in a "
+                                f"row, {scale:.3g} at step {step}: the weights exploded")
 
     def note_weights(self, finite: bool, step: int) -> None:
         if self.bad_weights is None and not finite:
@@ -225,6 +317,15 @@ def _weights_finite(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
+def _weight_scale(model) -> float:
+    """The largest |value| among the trainable (adapter) weights, in one device sync."""
+    import torch
+
+    with torch.no_grad():
+        peaks = [p.detach().abs().amax().float() for p in model.parameters() if p.requires_grad and p.numel()]
+        return float(torch.stack([peak.to(peaks[0].device) for peak in peaks]).max()) if peaks else 0.0
+
+
 def guard_callback(out: Path, stop: StopRequest, config_dict: dict[str, Any], data_fingerprint: str,
                    save_total_limit: int | None, loss_scaler: bool):
     """The TrainerCallback that marks checkpoints complete, rotates them, and turns stop requests into a save+stop
@@ -232,6 +333,10 @@ def guard_callback(out: Path, stop: StopRequest, config_dict: dict[str, Any], da
     from transformers import TrainerCallback
 
     class CheckpointGuard(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                stop.note_weight_scale(_weight_scale(model), state.global_step)
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
             signalled, diverged = _any_rank(stop.signal_name is not None, stop.diverged is not None)
             if signalled:
@@ -244,12 +349,14 @@ def guard_callback(out: Path, stop: StopRequest, config_dict: dict[str, Any], da
                 control.should_save = False  # never checkpoint a non-finite state
                 control.should_training_stop = True
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
             logs = logs or {}
             if "loss" in logs:
                 stop.note_loss(float(logs["loss"]), state.global_step)
             if "grad_norm" in logs:
                 stop.note_grad_norm(float(logs["grad_norm"]), state.global_step, loss_scaler)
+            if "loss" in logs and model is not None:
+                stop.note_weight_scale(_weight_scale(model), state.global_step)
             if stop.diverged is not None:
                 control.should_save = False
                 control.should_training_stop = True
@@ -273,7 +380,7 @@ def stopped_message(stop: StopRequest, out: Path, learning_rate: float, dtype: s
         if dtype == "float16":
             causes.append("fp16 overflow (use bf16 where the GPU has it)")
         causes.append("broken data (a row with extreme values)")
-        return (f"Training diverged: {stop.diverged}. Usual causes: {'; '.join(causes)}. Nothing non-finite was saved; "
+        return (f"Training diverged: {stop.diverged}. Usual causes: {'; '.join(causes)}. Nothing after it was saved; "
                 f"{last}. Start a new run from it with lora_adapter=<that folder> and a lower learning rate, or "
                 "resume it as is with resume_from_checkpoint=True.")
     if stop.signal_name is not None:

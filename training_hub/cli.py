@@ -28,6 +28,27 @@ def parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _unique_key_loader(path: str):
+    """A yaml.SafeLoader that refuses a mapping naming a key twice (PyYAML keeps the last value silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError([f"--config {path}:{line}: {key!r} is given twice (first on line {seen[key]}); keep one"])
+            seen[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     import yaml
 
@@ -35,7 +56,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError([f"--config {path}: no such file"])
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.load(p.read_text(), Loader=_unique_key_loader(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError([f"--config {path}: not valid YAML ({exc})"]) from exc
     if not isinstance(values, dict):

@@ -21,9 +21,10 @@ from .data.schema import TruncationMode as Truncation
 
 Backend = Literal["auto", "unsloth", "peft"]
 GradientCheckpointing = Union[bool, Literal["auto", "offload"]]
+# transformers' "cosine_with_min_lr" and "warmup_stable_decay" are not offered: they need scheduler arguments
+# (min_lr / num_decay_steps) that lora_sft does not take, and would fail only after the model has loaded.
 LrScheduler = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 ]
 # Hugging Face optimizer names we have run; others are refused rather than passed on untested.
 Optimizer = Literal[
@@ -118,7 +119,8 @@ class LoraSFTConfig:
                                                                  "the largest that fits; None with nothing else: 2")
     gradient_accumulation_steps: int | None = param(None, "forward passes per optimizer step")
     learning_rate: float = param(2e-4, "peak learning rate")
-    lr_scheduler: LrScheduler = param("linear", "transformers learning-rate schedule")
+    lr_scheduler: LrScheduler = param("linear", "transformers learning-rate schedule (cosine_with_min_lr and "
+                                                "warmup_stable_decay are refused: they need arguments lora_sft does not take)")
     warmup_steps: int = param(10, "linear warm-up steps")
     weight_decay: float = param(0.01, "AdamW weight decay")
     max_grad_norm: float = param(0.3, "gradient clipping norm")

@@ -45,7 +45,7 @@ class Trained:
 
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import logs, outputs
+    from . import logs, outputs, preflight
     from .models.adapters import with_adapter_settings
 
     logs.enable_default_output()
@@ -56,6 +56,7 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     data = read_data(config)
     backend = choose_backend(config)
     prepared = plan_and_tokenize(config, data, backend)
+    preflight.check(config, prepared.tokenizer, prepared.plan, prepared.train.summary, resume.checkpoint)
     raise_problems(resume.data_problems(prepared.fingerprint))
     if config.dry_run:
         logger.info("dry run: nothing trained, nothing written")
@@ -171,7 +172,8 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
     trainer = training.build_trainer(model.model, model.tokenizer, prepared.train.dataset, eval_dataset, config,
                                      prepared.plan, out, callbacks)
     tokens_before = resume.tokens_seen()
-    with checkpoints.stop_on_signals(stop), training.sdpa_backends(prepared.plan.sdpa_backends):
+    with (checkpoints.stop_on_signals(stop), training.sdpa_backends(prepared.plan.sdpa_backends),
+          checkpoints.disk_full_errors(out)):
         output = trainer.train(resume_from_checkpoint=resume.trainer_argument)
     message = checkpoints.stopped_message(stop, out, config.learning_rate, prepared.plan.dtype)
     if message is not None:
@@ -184,9 +186,10 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
 
 def save(config: LoraSFTConfig, prepared: Prepared, model, trained: Trained, out: Path) -> TrainingResult:
     """The final adapter and tokenizer, the merged model on request, and the manifest with the final metrics."""
-    from . import manifest, outputs
+    from . import checkpoints, manifest, outputs
 
-    outputs.save_adapter(trained.trainer.model, model.tokenizer, out, trained.metrics.get("global_step"))
+    with checkpoints.disk_full_errors(out):
+        outputs.save_adapter(trained.trainer.model, model.tokenizer, out, trained.metrics.get("global_step"))
     outputs.discard_replaced_runs(out)
     if config.save_merged:
         outputs.save_merged(config.model_path, out, merged_dtype(prepared.plan), config.trust_remote_code)

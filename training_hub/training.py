@@ -59,10 +59,14 @@ def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, eva
 
 
 def trainer_class(plan: RunPlan):
-    """TRL's SFTTrainer, or on the CPU without Unsloth a subclass that computes the loss the transformers way.
+    """TRL's SFTTrainer without its model card, and on the CPU without Unsloth, with the loss computed the
+    transformers way.
 
+    TRL writes a README.md model card into the output folder each time it saves a checkpoint
+    (`SFTTrainer._save_checkpoint` calls the public `create_model_card`); that can fail a run at a checkpoint
+    (it raised NameError 'wandb' once) and would overwrite a user's README.md, so it is a no-op here.
     TRL 1.15 always computes the loss through a fused LM head whose kernel is Triton-only, so a plain PEFT
-    model cannot train on a CPU with it (Unsloth replaces that head when it is imported). The subclass
+    model cannot train on a CPU with it (Unsloth replaces that head when it is imported). The CPU subclass
     returns `transformers.Trainer.compute_loss` (the model's own cross-entropy on the given labels);
     only TRL's entropy/token-accuracy metrics are lost. `use_cache=False` keeps packed samples apart
     (transformers builds block-diagonal masks from position ids only without a KV cache).
@@ -70,10 +74,14 @@ def trainer_class(plan: RunPlan):
     from transformers import Trainer
     from trl import SFTTrainer
 
-    if not (plan.device == "cpu" and plan.backend == "peft"):
-        return SFTTrainer
+    class NoModelCardSFTTrainer(SFTTrainer):
+        def create_model_card(self, *args, **kwargs) -> None:
+            """Not written: training_hub describes the output folder itself."""
 
-    class CPUSFTTrainer(SFTTrainer):
+    if not (plan.device == "cpu" and plan.backend == "peft"):
+        return NoModelCardSFTTrainer
+
+    class CPUSFTTrainer(NoModelCardSFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {**inputs, "use_cache": False}
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,

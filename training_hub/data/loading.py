@@ -7,11 +7,14 @@ Pure Python and the standard library: ``pyarrow`` is imported only for ``.parque
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import io
 import json
 import random
 import re
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,8 @@ from .formats import Fields, RowProblem, closest, convert_row, format_signatures
 from .schema import DATASET_TYPES, DataError, Example, LoadedData
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# Text formats may also come gzip-compressed ("train.jsonl.gz"); parquet compresses internally.
+COMPRESSED_SUFFIXES = (".jsonl.gz", ".json.gz", ".csv.gz")
 MAX_LISTED_PROBLEMS = 5
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -169,10 +174,7 @@ def is_datasets_object(source: Any) -> bool:
 def rows_from_records(records: list, description: str, prefix: str = "row ") -> RawRows:
     raw = RawRows(description)
     for i, record in enumerate(records):
-        if isinstance(record, dict):
-            raw.rows.append((f"{prefix}{i}", record))
-        else:
-            raw.problems.append(f"{prefix}{i}: expected an object (dict) per row, got {type(record).__name__}")
+        add_record(raw, f"{prefix}{i}", record)
     return raw
 
 
@@ -193,29 +195,70 @@ def read_path_or_hub(source: str | Path, fields: Fields) -> RawRows:
     if path.is_file():
         return read_file(path, path.name, fields)
     text = str(source)
-    if path.suffix.lower() not in SUFFIXES and HUB_NAME.match(text):
-        return read_hub(text)
-    raise DataError(f"Training data not found: {text} (no such file or folder)")
+    if looks_local(text):
+        raise DataError(f"Training data not found: {text} (no such file or folder)")
+    return read_hub(text)
+
+
+def looks_local(text: str) -> bool:
+    """A path rather than a Hub name: absolute/relative/home prefix, a data file suffix, more than one '/', or
+    a first component that is a local folder (``data/train`` when ``data/`` exists)."""
+    path = Path(text).expanduser()
+    return (text.startswith(("/", "./", "../", "~", "\\")) or data_suffix(path) is not None
+            or not HUB_NAME.match(text) or path.parent.is_dir() and str(path.parent) not in ("", "."))
 
 
 def read_hub(name: str) -> RawRows:
     """A Hub dataset name: ``datasets.load_dataset(name, split="train")`` (needs network access)."""
     import datasets
 
-    return rows_from_dataset(datasets.load_dataset(name, split="train"), f"Hub dataset {name} (train split)")
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except (OSError, ValueError) as error:  # offline, unknown repo, no train split
+        raise DataError(f"Training data {name!r}: no such file or folder here, and loading it as a Hub dataset "
+                        f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+    return rows_from_dataset(dataset, f"Hub dataset {name} (train split)")
+
+
+def data_suffix(path: Path) -> str | None:
+    """The data file type of `path` ("train.JSONL.gz" -> ".jsonl.gz"), or None when it is not one we read."""
+    name = path.name.lower()
+    return next((s for s in COMPRESSED_SUFFIXES + SUFFIXES if name.endswith(s)), None)
+
+
+def _skip_reason(path: Path, folder: Path) -> str | None:
+    """Why a file under a data folder would not be read (None: it is read)."""
+    hidden = [part for part in path.relative_to(folder).parts if part.startswith(".")]
+    if hidden:
+        return f"hidden ({hidden[0]})"
+    if path.is_dir():  # only a linked folder gets here: rglob does not descend into links
+        return "a linked folder (links are not followed)"
+    if not path.is_file():
+        return "not a regular file (a broken link or a special file)"
+    if data_suffix(path) is None:
+        return f"not a data file (read: {', '.join(SUFFIXES + COMPRESSED_SUFFIXES)})"
+    return None
 
 
 def read_folder(folder: Path, fields: Fields) -> RawRows:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
-                   and not p.name.startswith("."))
+    """Every file under `folder`, sub-folders included, in path order; any file that would not be read is an error."""
+    files = sorted(p for p in folder.rglob("*") if not p.is_dir() or p.is_symlink())
+    skipped = [(p, _skip_reason(p, folder)) for p in files]
+    skipped = [(p, why) for p, why in skipped if why is not None]
+    if skipped:
+        listed = "; ".join(f"{p.relative_to(folder)}: {why}" for p, why in skipped[:MAX_LISTED_PROBLEMS])
+        more = f"; ... and {len(skipped) - MAX_LISTED_PROBLEMS} more" if len(skipped) > MAX_LISTED_PROBLEMS else ""
+        raise DataError(f"Folder {folder} holds {len(skipped)} file(s) that would not be read ({listed}{more}). "
+                        "Every file in a data folder is trained on: move these out, or point data_path at a folder "
+                        "holding only the data")
     if not files:
-        raise DataError(f"Folder {folder} holds no data files ({', '.join(SUFFIXES)})")
-    suffixes = sorted({p.suffix.lower() for p in files})
-    if len(suffixes) > 1:
-        raise DataError(f"Folder {folder} mixes file types ({', '.join(suffixes)}); keep one type per folder")
+        raise DataError(f"Folder {folder} holds no data files ({', '.join(SUFFIXES + COMPRESSED_SUFFIXES)})")
+    kinds = sorted({data_suffix(p).removesuffix(".gz") for p in files})
+    if len(kinds) > 1:
+        raise DataError(f"Folder {folder} mixes file types ({', '.join(kinds)}); keep one type per folder")
     raw = RawRows(f"{folder} ({len(files)} files)")
     for path in files:
-        part = read_file(path, f"{folder.name}/{path.name}", fields)
+        part = read_file(path, f"{folder.name}/{path.relative_to(folder).as_posix()}", fields)
         raw.rows += part.rows
         raw.problems += part.problems
     return raw
@@ -223,37 +266,108 @@ def read_folder(folder: Path, fields: Fields) -> RawRows:
 
 def read_file(path: Path, label: str, fields: Fields) -> RawRows:
     readers = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"Cannot read {path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
-    raw = reader(path, label, fields)
+    suffix = data_suffix(path)
+    if suffix is None:
+        raise DataError(f"Cannot read {path}: unsupported file type {path.suffix!r}; use one of "
+                        f"{', '.join(SUFFIXES + COMPRESSED_SUFFIXES)}")
+    raw = readers[suffix.removesuffix(".gz")](path, label, fields)
     raw.description = str(path)
     return raw
 
 
+def read_bytes(path: Path, label: str) -> bytes:
+    """The file's bytes, gunzipped when its name ends in .gz; a damaged archive is a DataError naming it."""
+    if not path.name.lower().endswith(".gz"):
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as handle:
+            return handle.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{label}: not a readable gzip file ({error}); re-compress it or store it uncompressed") from None
+
+
+def decode_text(data: bytes, label: str) -> str:
+    """UTF-8 text (a leading BOM dropped); other bytes are a DataError naming file:line and column."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(f"{label}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); "
+                        "re-save the file as UTF-8") from None
+
+
+class DuplicateKeys(ValueError):
+    """A JSON object names a key twice (json keeps only the last value, silently)."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise DuplicateKeys(", ".join(repr(k) for k in twice))
+    return dict(pairs)
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, refusing an object with a key given twice (raises DuplicateKeys naming them)."""
+    return json.loads(text, object_pairs_hook=_unique_object)
+
+
+def unicode_problem(record: Any) -> str | None:
+    """Why `record` cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800"), or None."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (f"holds a lone surrogate ({error.object[error.start:error.end].encode('unicode_escape').decode()}), "
+                "which is not valid Unicode text; fix the escape sequence")
+    except (TypeError, ValueError):
+        return None  # not JSON-serialisable values (e.g. from parquet) are judged by the format checks
+    return None
+
+
 def read_jsonl(path: Path, label: str, fields: Fields) -> RawRows:
     raw = RawRows(label)
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raw.problems.append(f"{label}:{number}: invalid JSON ({error.msg} at column {error.colno})")
-                continue
-            if isinstance(record, dict):
-                raw.rows.append((f"{label}:{number}", record))
-            else:
-                raw.problems.append(f"{label}:{number}: expected a JSON object per line, got {type(record).__name__}")
+    data = read_bytes(path, label)
+    for number, line_bytes in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        origin = f"{label}:{number}"
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raw.problems.append(f"{origin}: not UTF-8 text (byte 0x{line_bytes[error.start]:02x} at column "
+                                f"{error.start + 1}); re-save the file as UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line)
+        except json.JSONDecodeError as error:
+            raw.problems.append(f"{origin}: invalid JSON ({error.msg} at column {error.colno})")
+            continue
+        except DuplicateKeys as keys:
+            raw.problems.append(f"{origin}: the key(s) {keys} appear twice in one JSON object; keep one")
+            continue
+        add_record(raw, origin, record, "a JSON object per line")
     return raw
+
+
+def add_record(raw: RawRows, origin: str, record: Any, expected: str = "an object (dict) per row") -> None:
+    """Append `record` as a row, or a problem when it is not a dict or not valid Unicode."""
+    if not isinstance(record, dict):
+        raw.problems.append(f"{origin}: expected {expected}, got {type(record).__name__}")
+    elif (problem := unicode_problem(record)) is not None:
+        raw.problems.append(f"{origin}: {problem}")
+    else:
+        raw.rows.append((origin, record))
 
 
 def read_json(path: Path, label: str, fields: Fields) -> RawRows:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = parse_json(decode_text(read_bytes(path, label), label))
     except json.JSONDecodeError as error:
-        raise DataError(f"{label}: invalid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+        raise DataError(f"{label}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+    except DuplicateKeys as keys:
+        raise DataError(f"{label}: the key(s) {keys} appear twice in one JSON object; keep one") from None
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         if len(lists) != 1:
@@ -277,13 +391,17 @@ def read_csv(path: Path, label: str, fields: Fields) -> RawRows:
     """CSV rows; list columns (messages, conversations, input_ids, labels) hold JSON text."""
     json_columns = {fields.messages, "conversations", "input_ids", "labels"}
     raw = RawRows(label)
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        for index, record in enumerate(csv.DictReader(handle)):
-            origin = f"{label} row {index}"
-            try:
-                raw.rows.append((origin, decode_csv_row(record, json_columns)))
-            except RowProblem as problem:
-                raw.problems.append(f"{origin}: {problem}")
+    reader = csv.DictReader(io.StringIO(decode_text(read_bytes(path, label), label), newline=""))
+    header = reader.fieldnames or []
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise DataError(f"{label}:1: the header names the column(s) {', '.join(map(repr, twice))} twice; keep one")
+    for index, record in enumerate(reader):
+        origin = f"{label} row {index}"
+        try:
+            add_record(raw, origin, decode_csv_row(record, json_columns))
+        except RowProblem as problem:
+            raw.problems.append(f"{origin}: {problem}")
     return raw
 
 
@@ -296,8 +414,10 @@ def decode_csv_row(record: dict, json_columns: set[str]) -> dict:
             value = value.strip() or None
             if value is not None:
                 try:
-                    value = json.loads(value)
+                    value = parse_json(value)
                 except json.JSONDecodeError as error:
                     raise RowProblem(f"'{key}' must hold JSON in a CSV file ({error.msg})") from None
+                except DuplicateKeys as keys:
+                    raise RowProblem(f"'{key}' names the key(s) {keys} twice in one JSON object; keep one") from None
         row[key] = value
     return row
