@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from .outputs import MERGED_DIR  # the one folder inside an adapter folder a merge may write to (save_merged's)
+
 MergeDtype = Literal["bfloat16", "float16", "float32"]
-# The one folder inside an adapter folder a merged model may go to: where lora_sft(save_merged=True) writes it.
-MERGED_FOLDER = "merged"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
@@ -55,7 +55,7 @@ def _overlap_problems(out: Path, adapter_path: str | Path, base_model_path: str)
         if not folder.is_dir():
             continue  # a hub id
         source = folder.resolve()
-        own_merged = name == "adapter_path" and target == source / MERGED_FOLDER
+        own_merged = name == "adapter_path" and target == source / MERGED_DIR
         if target == source or (source in target.parents and not own_merged):
             problems.append(f"output_dir={str(out)!r} is inside {name}={str(path)!r}: writing the merged model there "
                             "would mix it with (or replace) what it is made from; choose a folder outside it")
@@ -109,10 +109,12 @@ def merge_adapter(base_model_path: str, adapter_path: str | Path, output_dir: st
     Raises:
         FileExistsError: `output_dir` is not empty (without overwrite=True).
         ConfigError: `output_dir` is inside (or holds) the adapter or base folder; the base is damaged, has other
-            shapes than the adapter, or is not the adapter's own base. Nothing is written.
+            shapes than the adapter, or is not the adapter's own base; the adapter is a lora_sft output whose final
+            save did not complete. Nothing is written.
     """
     from .config import ConfigError
     from .models.adapters import read_adapter_config
+    from .outputs import final_adapter_problem
 
     out = Path(output_dir)
     problem = _output_problem(out, overwrite)
@@ -123,6 +125,9 @@ def merge_adapter(base_model_path: str, adapter_path: str | Path, output_dir: st
     if overlaps:
         raise ConfigError(overlaps)
     problems = _base_problems(base_model_path, adapter_path, adapter, allow_other_base, trust_remote_code)
+    unfinished = final_adapter_problem(Path(adapter_path))
+    if unfinished:
+        problems.append(unfinished)
     if problems:
         raise ConfigError(problems)
     merged = _merged_model(base_model_path, str(adapter_path), dtype, trust_remote_code)
