@@ -133,8 +133,9 @@ def lora_sft(
         ckpt_output_dir (str): where the adapter, tokenizer, run_config.json, training_metrics.jsonl and the
             checkpoint-N folders go. Must not hold an earlier run unless resume_from_checkpoint or
             overwrite_output_dir=True is given (docs/checkpoints.md).
-        backend ("auto" | "unsloth" | "peft", default "auto"): Unsloth's fused kernels when importable,
-            else plain transformers + PEFT (with a notice).
+        backend ("auto" | "unsloth" | "peft", default "auto"): packed 16-bit LoRA on a GPU without FlashAttention
+            trains on the peft backend's FlexAttention route (measured faster); otherwise Unsloth's fused kernels
+            when importable, else plain transformers + PEFT (with a notice).
         lora_r (int, 16), lora_alpha (int, 32), lora_dropout (float, 0.0), target_modules (list | None: all
             linear projections of the decoder blocks), use_rslora, use_dora, init_lora_weights, rank_pattern,
             alpha_pattern: the LoRA adapter.
@@ -171,9 +172,10 @@ def lora_sft(
 
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import checkpoints, data
+    from . import checkpoints, data, hardware
     from .models.adapters import unsloth_problems, with_adapter_settings
     from .models.unsloth import import_unsloth
+    from .plan import auto_backend
     from .tracking import tracker_problems
 
     out = Path(config.ckpt_output_dir)
@@ -192,7 +194,10 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     if config.eval_data_path is not None:
         eval_loaded = data.load_examples(config.eval_data_path, **_data_fields(config))
         log(f"eval data: {len(eval_loaded)} rows, format {eval_loaded.format} ({eval_loaded.source})")
-    backend = _resolve_backend(config.backend, import_unsloth)
+    preferred, why = auto_backend(config, hardware.detect()) if config.backend == "auto" else (None, "")
+    if preferred is not None:
+        log(why)
+    backend = preferred or _resolve_backend(config.backend, import_unsloth)
     if backend == "unsloth" and config.lora_adapter is not None:
         _raise_problems(unsloth_problems(config.lora_adapter))
     plan, tokenized, eval_tokenized, tokenizer = _plan_and_tokenize(config, loaded, eval_loaded, backend)
