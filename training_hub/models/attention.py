@@ -1,10 +1,10 @@
 """Packed attention in one kernel per layer: FlexAttention with a document mask, through transformers' hooks.
 
 Padding-free packing flattens a micro batch into one row whose position ids restart at every document.
-transformers' masking utilities turn those restarts into a document-causal mask
-(`masking_utils.find_packed_sequence_indices`); for FlexAttention that mask is a `BlockMask`, built once per
-forward pass and shared by every layer. Each layer then makes one FlexAttention call for the whole micro
-batch, where torch's SDPA needs one call per document.
+transformers' masking utilities turn those restarts into a document-causal mask function
+(`masking_utils.find_packed_sequence_indices`); `packed_block_mask` makes it a `BlockMask` once per forward
+pass, shared by every layer. Each layer then makes one FlexAttention call for the whole micro batch, where
+Unsloth's SDPA path makes one call per document.
 
 Both pieces are registered under one name through transformers' public interfaces (`AttentionInterface`
 for the kernel, `AttentionMaskInterface` for the mask builder) and picked with
@@ -22,8 +22,7 @@ from importlib import metadata
 FLEX_ATTENTION = "training_hub_flex"
 # FlexAttention's block size: padding the packed row to a multiple of it keeps every block whole.
 FLEX_BLOCK_SIZE = 128
-# torch 2.5 has FlexAttention, but lengths that are not a multiple of its block size need 2.6, and the
-# `AuxRequest` API transformers uses with it arrived in 2.9.
+# torch 2.5 has FlexAttention, but lengths that are not a multiple of its block size need 2.6.
 MIN_TORCH = (2, 6)
 
 
