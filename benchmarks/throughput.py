@@ -11,17 +11,20 @@ in, so the plain PEFT row never shares one with it), then prints a markdown tabl
 Rows (sequence length 2048, 8 sequences per optimizer step, LoRA r=16 alpha=32 on the 7 projections,
 lr 2e-4, `--warmup` + `--steps` optimizer steps; `--mode qlora` loads the base in 4-bit in every row):
 
-* a: ``lora_sft(backend="unsloth", effective_batch_size=8)``: training_hub's automatic choices (packing,
-  checkpointing and micro batch from free memory, adamw_8bit);
+* a: ``lora_sft(effective_batch_size=8)``: training_hub's automatic choices (backend, packing,
+  checkpointing and micro batch from free memory, adamw_8bit); lever ``a-unsloth`` pins Unsloth, ``a-flex``
+  the peft backend's packed FlexAttention route;
 * b: ``lora_sft(backend="peft", micro_batch_size=2, gradient_accumulation_steps=4,
-  gradient_checkpointing=True, sample_packing=True)``: what a user of plain transformers + PEFT picks;
+  gradient_checkpointing=True, sample_packing=True)`` on SDPA without Liger: what a user of plain
+  transformers + PEFT picks;
 * c: the public training-hub's configuration of the same Unsloth kernels, written directly
   (FastLanguageModel, offloaded "unsloth" checkpointing, micro batch 2 x accumulation 4, TRL SFTTrainer);
 * lowmem (QLoRA only): ``lora_sft(load_in_4bit=True, gradient_checkpointing="offload", micro_batch_size=1,
   effective_batch_size=8)``: the documented low-memory setting.
 
 Lever rows (``LEVERS``) repeat row a or c with one thing changed, to measure each default rather than assume
-it: e.g. ``--rows a,a-cudnn,c,c-flash`` swaps the SDPA backend choice between (a) and (c). ``a#2`` runs a row
+it: e.g. ``--rows a,a-cudnn,c,c-flash`` swaps the SDPA backend choice between (a) and (c), and ``a-flex`` runs (a)
+on the peft backend's packed FlexAttention route (one kernel per layer, Liger kernels). ``a#2`` runs a row
 a second time in the same call. ``--profile`` writes a torch.profiler summary of the last two warm-up steps of
 every row to DIR/logs/ROW.profile.txt (the measured steps are not profiled).
 
@@ -79,7 +82,7 @@ SHAPES = {
 }
 
 ROW_TITLES = {
-    "a": "(a) lora_sft defaults (unsloth)",
+    "a": "(a) lora_sft defaults",
     "b": "(b) lora_sft peft, mb 2 x ga 4, ckpt, packing",
     "c": "(c) public training-hub config (Unsloth direct)",
     "lowmem": "(lowmem) lora_sft QLoRA, offload, mb 1",
@@ -89,19 +92,37 @@ ROW_TITLES = {
 # lever to be measured, not assumed). `env` is set before Unsloth is imported (these are Unsloth's own switches);
 # `plan_constants` replace one of plan.py's rules; `sdpa_backends` scope torch's SDPA choice for row (c).
 LEVERS = {
+    # (a) on Unsloth: the default for packed 16-bit LoRA until the FlexAttention route measured faster.
+    "a-unsloth": dict(base="a", overrides={"backend": "unsloth"}, title="(a) on Unsloth (per-document SDPA)"),
     "a-unpacked": dict(base="a", overrides={"sample_packing": False}, title="(a) with sample_packing=False"),
     "a-adamw": dict(base="a", overrides={"optim": "adamw_torch_fused"}, title="(a) with optim adamw_torch_fused"),
     "a-workers": dict(base="a", overrides={"dataloader_num_workers": 4}, title="(a) with 4 dataloader workers"),
-    "a-nocompile": dict(base="a", env={"UNSLOTH_BLOCK_COMPILE": "0"}, title="(a) without Unsloth's per-block compile"),
-    "a-nochunkce": dict(base="a", env={"UNSLOTH_CHUNKED_CE": "0"}, title="(a) without Unsloth's chunked cross-entropy"),
+    "a-nocompile": dict(base="a", overrides={"backend": "unsloth"}, env={"UNSLOTH_BLOCK_COMPILE": "0"}, title="(a) without Unsloth's per-block compile"),
+    "a-nochunkce": dict(base="a", overrides={"backend": "unsloth"}, env={"UNSLOTH_CHUNKED_CE": "0"}, title="(a) without Unsloth's chunked cross-entropy"),
     "a-ckpt": dict(base="a", overrides={"gradient_checkpointing": True}, title="(a) with gradient checkpointing on"),
     # training_hub trains packed Unsloth batches on flash / memory-efficient SDPA (plan.PACKED_SDPA_BACKENDS);
     # these two rows swap that choice between (a) and (c).
-    "a-cudnn": dict(base="a", plan_constants={"PACKED_SDPA_BACKENDS": None},
+    "a-cudnn": dict(base="a", overrides={"backend": "unsloth"}, plan_constants={"PACKED_SDPA_BACKENDS": None},
                     title="(a) with torch's own SDPA choice (cuDNN included; the default before 2026-11-23)"),
     "c-flash": dict(base="c", sdpa_backends=["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
                     title="(c) trained under flash / memory-efficient SDPA like (a)"),
+    # The packed FlexAttention route: plain transformers + PEFT, one FlexAttention kernel per layer with a document
+    # mask, packed rows padded to one length, Liger's RMSNorm / SwiGLU / RoPE (plan.PACKED_FLEX_ATTENTION,
+    # plan.LIGER_KERNELS); Unsloth is not imported in these rows.
+    "a-flex": dict(base="a", overrides={"backend": "peft"},
+                   title="(a) on the peft backend: FlexAttention packed, static length, Liger"),
+    "a-flex-noliger": dict(base="a", overrides={"backend": "peft"}, plan_constants={"LIGER_KERNELS": False},
+                           title="(a) on the peft backend: FlexAttention packed, static length, no Liger"),
+    "a-flex-ckpt": dict(base="a", overrides={"backend": "peft", "gradient_checkpointing": True},
+                        title="(a) on the peft backend: FlexAttention, Liger, gradient checkpointing on"),
+    # Unsloth's own switch for packed attention: one SDPA call per layer with a dense (T, T) mask instead of one
+    # call per document (its FlexAttention path is off in its code, and it drops `attn_implementation`).
+    "a-densemask": dict(base="a", overrides={"backend": "unsloth"}, env={"UNSLOTH_SDPA_PACKED_SEGMENTS": "0"},
+                        title="(a) with Unsloth's packed attention as one SDPA call with a dense mask"),
 }
+# Row (b) is what a user of plain transformers + PEFT gets: SDPA, no Liger. The peft backend's own packed route
+# (FlexAttention, Liger) is measured in the a-flex rows.
+BASE_PLAN_CONSTANTS = {"b": {"PACKED_FLEX_ATTENTION": False, "LIGER_KERNELS": False}}
 for _name, _lever in LEVERS.items():
     ROW_TITLES[_name] = _lever["title"]
 
@@ -109,7 +130,7 @@ for _name, _lever in LEVERS.items():
 GOAL_TEXT = {
     ("llama-3.1-8b", "lora"): [("(a) >= 14,000 tokens/s", "a_min", 14000), ("(a) >= 2.0x (c)", "a_vs_c", 2.0),
                                ("(a) >= 4x (b)", "a_vs_b", 4.0)],
-    ("llama-3.1-8b", "qlora"): [("(a) >= 9,000 tokens/s", "a_min", 9000), ("lowmem peak <= 6.5 GiB", "lowmem_max_gib", 6.5)],
+    ("llama-3.1-8b", "qlora"): [("(a) >= 12,000 tokens/s", "a_min", 12000), ("lowmem peak <= 6.5 GiB", "lowmem_max_gib", 6.5)],
     ("qwen2.5-1.5b", "lora"): [("(a) >= 30,000 tokens/s", "a_min", 30000)],
 }
 
@@ -337,7 +358,7 @@ def lora_sft_row(name: str, bench: dict, timer, overrides: dict | None = None, r
     if qlora:
         common["load_in_4bit"] = True
     if name == "a":
-        extra = dict(backend="unsloth", effective_batch_size=bench["batch"])
+        extra = dict(backend="auto", effective_batch_size=bench["batch"])
     elif name == "b":
         extra = dict(backend="peft", micro_batch_size=2, gradient_accumulation_steps=bench["batch"] // 2,
                      gradient_checkpointing=True, sample_packing=True)
@@ -348,7 +369,8 @@ def lora_sft_row(name: str, bench: dict, timer, overrides: dict | None = None, r
         raise ValueError(name)
     result = training_hub.lora_sft(**{**common, **extra, **(overrides or {})})
     keep = ("backend", "dtype", "micro_batch_size", "gradient_accumulation_steps", "effective_batch_size",
-            "sample_packing", "gradient_checkpointing", "optim", "attn_implementation", "notes")
+            "sample_packing", "gradient_checkpointing", "optim", "attn_implementation", "packed_length", "liger_kernel",
+            "notes")
     return {"plan": {k: result.plan.get(k) for k in keep},
             "lora_sft_tokens_per_s": result.metrics.get("tokens_per_second"),
             "train_loss": result.metrics.get("train_loss")}
@@ -393,6 +415,22 @@ def row_kind(name: str) -> str:
     return name.split("#")[0]
 
 
+def row_backend(base: str, bench: dict, overrides: dict) -> str:
+    """The backend a row trains with, known before anything imports transformers (Unsloth must come first)."""
+    if base in ("c", "lowmem"):
+        return "unsloth"
+    requested = overrides.get("backend", "peft" if base == "b" else "auto")
+    if requested != "auto":
+        return requested
+    from training_hub import hardware
+    from training_hub.config import LoraSFTConfig
+    from training_hub.plan import auto_backend
+
+    config = LoraSFTConfig(model_path=bench["model_path"], data_path=bench["data_path"], ckpt_output_dir=bench["work"],
+                           load_in_4bit=bench["mode"] == "qlora", **{k: v for k, v in overrides.items() if k != "backend"})
+    return auto_backend(config, hardware.detect())[0] or "unsloth"
+
+
 def run_row(name: str, bench: dict) -> dict:
     report: dict = {"name": name}
     kind = row_kind(name)
@@ -402,7 +440,12 @@ def run_row(name: str, bench: dict) -> dict:
     if lever:
         report["lever"] = {k: lever.get(k) for k in ("base", "env", "overrides", "sdpa_backends", "plan_constants")
                            if lever.get(k)}
-    if base in ("a", "c", "lowmem"):
+    from training_hub import plan as plan_module  # light: no torch
+
+    constants = {**BASE_PLAN_CONSTANTS.get(base, {}), **lever.get("plan_constants", {})}
+    for constant, value in constants.items():  # a lever on one of plan.py's rules
+        setattr(plan_module, constant, value)
+    if row_backend(base, bench, lever.get("overrides", {})) == "unsloth":
         from training_hub.models.unsloth import import_unsloth
 
         reason = import_unsloth()  # before transformers, so that Unsloth's patches apply in full
@@ -411,11 +454,8 @@ def run_row(name: str, bench: dict) -> dict:
             return report
     import torch
 
-    from training_hub import plan as plan_module
     from training_hub.training import sdpa_backends
 
-    for constant, value in lever.get("plan_constants", {}).items():  # a lever on one of plan.py's rules
-        setattr(plan_module, constant, value)
     cuda = torch.cuda.is_available()
     timer = None
     try:
@@ -513,7 +553,10 @@ def plan_text(plan: dict) -> str:
     if attention:
         parts.append("xformers" if attention.startswith("attention: xformers") else
                      "FlashAttention 2" if "FlashAttention 2" in attention else
+                     f"FlexAttention, rows of {plan.get('packed_length')}" if "FlexAttention" in attention else
                      "SDPA flash/efficient" if "flash / memory-efficient" in attention else "SDPA")
+    if plan.get("liger_kernel"):
+        parts.append("Liger")
     return ", ".join(parts)
 
 

@@ -111,7 +111,8 @@ def report(test: str, summary: dict, curve: list[float], generated: str) -> None
         "train_runtime_s": metrics.get("train_runtime"), "steps": metrics.get("global_step"),
         "loss_first": curve[0], "loss_last": curve[-1],
         "plan": {k: plan.get(k) for k in ("backend", "dtype", "micro_batch_size", "gradient_accumulation_steps",
-                                          "sample_packing", "gradient_checkpointing", "optim", "attn_implementation")},
+                                          "sample_packing", "gradient_checkpointing", "optim", "attn_implementation",
+                                          "packed_length", "liger_kernel")},
         "generated": generated}), flush=True)
 
 
@@ -141,9 +142,15 @@ def test_unsloth_qlora_trains_loads_and_generates(base_model, greetings, tmp_pat
 
 
 def test_peft_lora_trains_loads_and_generates(base_model, greetings, tmp_path):
+    """On a GPU the peft backend trains packed batches on the FlexAttention route, rows padded to one length."""
+    from training_hub.models.attention import FLEX_ATTENTION, static_packed_length
+
     out = tmp_path / "peft-lora"
     summary, curve = run_training(base_model, greetings, out, backend="peft")
-    assert summary["plan"]["backend"] == "peft" and not summary["unsloth_imported"]
+    plan = summary["plan"]
+    assert plan["backend"] == "peft" and not summary["unsloth_imported"]
+    assert plan["attn_implementation"] == FLEX_ATTENTION, plan["notes"]
+    assert plan["packed_length"] == static_packed_length(plan["micro_batch_size"], 256)
     assert summary["plan"]["dtype"] == expected_dtype()
     generated = check_adapter_and_generate(out, base_model)
     report("peft_lora", summary, curve, generated)
@@ -187,3 +194,26 @@ def test_unsloth_qlora_merged_model_matches_base_plus_adapter(base_model, greeti
                              "loss_first": curve[0], "loss_last": curve[-1]}), flush=True)
     assert effect > 0.05, "the adapter barely changes the logits: the comparison would prove nothing"
     assert gap < 0.25 * effect, (gap, effect)
+
+
+def test_flex_packed_loss_and_gradients_equal_unpacked(tmp_path, tokenizer_factory):
+    """The packed FlexAttention route, compiled, forward and backward in bf16: five documents packed into one row by
+    TRL's padding-free collator and padded to the static length give the loss, logits and q_proj gradient of the
+    same documents run one by one through SDPA. The heads are 12 query / 2 key-value (Qwen2.5-1.5B's grouping)."""
+    from test_attention import load_pair, packed_vs_unpacked, random_documents
+
+    from training_hub.models.attention import static_packed_length
+
+    tokenizer = tokenizer_factory("chatml")
+    shape = dict(SHAPE, hidden_size=768, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=len(tokenizer))
+    flex_model, sdpa_model = load_pair(build_base(tmp_path / "base", tokenizer, shape), DEVICE, torch.bfloat16)
+    lengths = [300, 700, 129, 5, 64]
+    length = static_packed_length(2, 640)
+    assert length == 1280 > sum(lengths)
+    result = packed_vs_unpacked(flex_model, sdpa_model, random_documents(len(tokenizer), lengths), tokenizer.pad_token_id,
+                                length, backward=True)
+    print("\n" + json.dumps({"test": "flex_packed_vs_unpacked", "gpu": torch.cuda.get_device_name(), **result}), flush=True)
+    assert abs(result["packed_loss"] - result["unpacked_loss"]) < 1e-2 * result["unpacked_loss"], result
+    assert result["max_logit_gap"] < 5e-2 * result["max_abs_logit"], result
+    assert result["grad_rel_gap"] < 5e-2, result

@@ -153,3 +153,60 @@ def test_attention_note_names_the_kernel_that_runs(installed, backend, expected)
 def test_unpacked_or_cpu_runs_keep_torchs_sdpa_choice():
     assert plan(H100, shape=LLAMA_8B, sample_packing=False).sdpa_backends is None
     assert plan(CPU).sdpa_backends is None
+
+
+H200_FLEX = Hardware(device="cuda", gpu_name="NVIDIA H200", gpu_count=1, bf16_supported=True, total_memory_gib=139.8,
+                     free_memory_gib=139.3, bitsandbytes_installed=True, flex_attention_usable=True,
+                     liger_kernel_installed=True)
+
+
+def test_peft_packs_on_flex_attention_with_a_static_length_and_liger():
+    from training_hub.models.attention import FLEX_ATTENTION
+
+    p = plan(H200_FLEX, backend="peft", shape=LLAMA_8B, effective_batch_size=8)
+    assert p.attn_implementation == FLEX_ATTENTION and p.sdpa_backends is None
+    assert p.packed_length == p.micro_batch_size * 2048
+    assert p.liger_kernel and any("Liger kernels for RMSNorm, SwiGLU and RoPE" in n for n in p.notes), p.notes
+    assert any(n.startswith("attention: FlexAttention") for n in p.notes), p.notes
+
+
+@pytest.mark.parametrize("change, kernel", [
+    (dict(sample_packing=False), "sdpa"),  # unpacked batches: nothing to gain, and no static length
+    (dict(hw=Hardware(device="cuda", gpu_name="H100", gpu_count=1, bf16_supported=True, total_memory_gib=79.2,
+                      free_memory_gib=78.6)), "sdpa"),  # torch without FlexAttention / Triton
+    (dict(backend="unsloth"), "sdpa"),  # Unsloth runs its own attention
+    (dict(hw=CPU), "sdpa"),  # no FlexAttention backward on the CPU
+])
+def test_flex_attention_only_where_it_trains_and_helps(change, kernel):
+    kwargs = {"hw": H200_FLEX, "backend": "peft", "shape": LLAMA_8B, **change}
+    p = plan(**kwargs)
+    assert p.attn_implementation == kernel and p.packed_length is None
+    assert p.liger_kernel == (kwargs["backend"] == "peft" and kwargs["hw"].is_gpu and kwargs["hw"].liger_kernel_installed)
+
+
+def test_liger_needs_the_package_and_says_so():
+    from dataclasses import replace
+
+    p = plan(replace(H200_FLEX, liger_kernel_installed=False), backend="peft", shape=LLAMA_8B)
+    assert not p.liger_kernel and "Liger kernels not used (liger-kernel not installed)" in p.notes
+
+
+@pytest.mark.parametrize("kw, hw_change, expected", [
+    ({}, {}, "peft"),
+    (dict(sample_packing=True), {}, "peft"),
+    (dict(sample_packing=False), {}, None),
+    (dict(load_in_4bit=True), {}, None),  # QLoRA was not measured on the FlexAttention route
+    (dict(gradient_checkpointing="offload"), {}, None),  # Unsloth's own checkpointing
+    ({}, dict(flash_attn_installed=True), None),  # Unsloth's varlen FlashAttention path
+    ({}, dict(flex_attention_usable=False), None),
+    ({}, dict(device="cpu"), None),
+])
+def test_auto_backend_picks_the_flex_route_where_it_was_measured_faster(kw, hw_change, expected):
+    from dataclasses import replace
+
+    from training_hub.plan import auto_backend
+
+    backend, why = auto_backend(LoraSFTConfig(model_path="m", data_path="d", ckpt_output_dir="o", **kw),
+                                replace(H200_FLEX, **hw_change))
+    assert backend == expected
+    assert ("FlexAttention" in why) == (expected == "peft")

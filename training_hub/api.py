@@ -116,7 +116,9 @@ def lora_sft(
         ckpt_output_dir (str, required): output folder for the adapter, tokenizer, run_config.json,
             training_metrics.jsonl and checkpoint-N folders (docs/checkpoints.md).
         backend ('auto' | 'unsloth' | 'peft', 'auto'): 'unsloth' (fused kernels), 'peft' (plain transformers +
-            PEFT), or 'auto': Unsloth when it imports, else PEFT with a notice.
+            PEFT), or 'auto': packed 16-bit LoRA on a GPU with FlexAttention and no FlashAttention trains on the
+            peft backend's FlexAttention route (measured faster, docs/benchmarks.md), otherwise Unsloth when it
+            imports, else PEFT with a notice; the choice is printed.
         lora_r (int, 16): LoRA rank (> 0).
         lora_alpha (int, 32): LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with rsLoRA).
         lora_dropout (float, 0.0): dropout on the LoRA input, in [0, 1) (0 keeps Unsloth's fast path).
@@ -176,8 +178,9 @@ def lora_sft(
         bf16 (bool | None, None): bfloat16 training; None: bf16 on GPUs that have it, float32 on the CPU.
         fp16 (bool | None, None): float16 training (GPU only); None: only on GPUs without bf16.
         tf32 (bool | None, None): TF32 matmuls on NVIDIA GPUs.
-        flash_attention (bool | None, None): None: FlashAttention 2 when flash_attn is installed, else SDPA; True
-            without it is an error.
+        flash_attention (bool | None, None): None: FlashAttention 2 when flash_attn is installed, else SDPA (on the
+            peft backend, packed GPU batches use FlexAttention: one kernel per layer); True without flash_attn is an
+            error.
         load_in_4bit (bool, False): QLoRA: 4-bit (bitsandbytes) base weights.
         load_in_8bit (bool, False): 8-bit base weights (GPU only).
         bnb_4bit_quant_type ('nf4' | 'fp4', 'nf4'): 4-bit data type (with load_in_4bit).

@@ -69,8 +69,10 @@ class LoraSFTConfig:
                                      "of dicts or a datasets.Dataset, in any format of docs/data.md (detected)")
     ckpt_output_dir: str = param(REQUIRED, "output folder for the adapter, tokenizer, run_config.json, "
                                            "training_metrics.jsonl and checkpoint-N folders (docs/checkpoints.md)")
-    backend: Backend = param("auto", "'unsloth' (fused kernels), 'peft' (plain transformers + PEFT), or 'auto': "
-                                     "Unsloth when it imports, else PEFT with a notice")
+    backend: Backend = param("auto", "'unsloth' (fused kernels), 'peft' (plain transformers + PEFT), or 'auto': packed "
+                                     "16-bit LoRA on a GPU with FlexAttention and no FlashAttention trains on the peft "
+                                     "backend's FlexAttention route (measured faster, docs/benchmarks.md), otherwise "
+                                     "Unsloth when it imports, else PEFT with a notice; the choice is printed")
 
     # LoRA.
     lora_r: int = param(16, "LoRA rank (> 0)")
@@ -135,8 +137,9 @@ class LoraSFTConfig:
     bf16: bool | None = param(None, "bfloat16 training; None: bf16 on GPUs that have it, float32 on the CPU")
     fp16: bool | None = param(None, "float16 training (GPU only); None: only on GPUs without bf16")
     tf32: bool | None = param(None, "TF32 matmuls on NVIDIA GPUs")
-    flash_attention: bool | None = param(None, "None: FlashAttention 2 when flash_attn is installed, else SDPA; "
-                                               "True without it is an error")
+    flash_attention: bool | None = param(None, "None: FlashAttention 2 when flash_attn is installed, else SDPA (on "
+                                               "the peft backend, packed GPU batches use FlexAttention: one kernel per "
+                                               "layer); True without flash_attn is an error")
     load_in_4bit: bool = param(False, "QLoRA: 4-bit (bitsandbytes) base weights")
     load_in_8bit: bool = param(False, "8-bit base weights (GPU only)")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = param("nf4", "4-bit data type (with load_in_4bit)")

@@ -20,6 +20,8 @@ class Hardware:
     flash_attn_installed: bool = False
     xformers_usable: bool = False  # installed, and its compiled kernels load with this torch
     bitsandbytes_installed: bool = False
+    flex_attention_usable: bool = False  # torch's FlexAttention can train here (torch >= 2.6 with Triton)
+    liger_kernel_installed: bool = False
 
     @property
     def is_gpu(self) -> bool:
@@ -60,10 +62,14 @@ def detect() -> Hardware:
     """Inspect torch's view of the accelerator this process would train on."""
     import torch
 
+    from .models.attention import flex_attention_problem
+
     common = dict(
         flash_attn_installed=importlib.util.find_spec("flash_attn") is not None,
         xformers_usable=xformers_usable(),
         bitsandbytes_installed=importlib.util.find_spec("bitsandbytes") is not None,
+        flex_attention_usable=flex_attention_problem() is None,
+        liger_kernel_installed=importlib.util.find_spec("liger_kernel") is not None,
     )
     if not torch.cuda.is_available():
         return Hardware(device="cpu", **common)

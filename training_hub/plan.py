@@ -73,8 +73,10 @@ class RunPlan:
     sample_packing: bool
     gradient_checkpointing: str  # "off" | "on" | "offload"
     optim: str
-    attn_implementation: str  # "sdpa" | "flash_attention_2"
+    attn_implementation: str  # "sdpa" | "flash_attention_2" | models.attention.FLEX_ATTENTION
     sdpa_backends: list[str] | None = None  # torch.nn.attention.SDPBackend names training runs under; None: all
+    packed_length: int | None = None  # every packed row padded to this many tokens (FlexAttention: static shapes)
+    liger_kernel: bool = False  # Liger's RMSNorm / SwiGLU / RoPE kernels, through TrainingArguments.use_liger_kernel
     notes: list[str] = field(default_factory=list)
     flops_per_token: float | None = None
     peak_tflops: float | None = None  # the GPU's nominal dense bf16 rate, for MFU
@@ -209,6 +211,10 @@ def resolve_optimizer(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[st
 # run of equal document lengths there, and cuDNN plans each new length anew (~0.3 ms of CPU per call); with
 # flash / memory-efficient only, the 1.5B shape trained 1.23x faster on an H100 (docs/benchmarks.md).
 PACKED_SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+# Packed batches on the peft backend run one FlexAttention kernel per layer with a document mask
+# (models/attention.py) instead of SDPA with a dense mask; the benchmark's lever rows switch these off.
+PACKED_FLEX_ATTENTION = True
+LIGER_KERNELS = True
 
 
 def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str,
@@ -216,8 +222,11 @@ def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str,
     """(the model's `attn_implementation`, SDPA backends to train under or None for torch's own choice, notes).
 
     With Unsloth the kernel is Unsloth's choice: FlashAttention when installed, else xformers when it loads,
-    else torch's SDPA. The note names the one that will run.
+    else torch's SDPA. With plain transformers + PEFT, packed batches on a GPU run FlexAttention when torch
+    has it. The note names the one that will run.
     """
+    from .models.attention import FLEX_ATTENTION
+
     if config.flash_attention and not hw.is_gpu:
         raise ConfigError(["flash_attention=True: FlashAttention needs a CUDA GPU; leave it unset on the CPU"])
     if config.flash_attention and not hw.flash_attn_installed:
@@ -232,7 +241,48 @@ def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str,
         return "sdpa", PACKED_SDPA_BACKENDS, [
             f"attention: PyTorch SDPA through Unsloth ({reason}, no usable xformers), flash / memory-efficient "
             "kernels only: packed batches make one call per document length, which cuDNN would plan anew each time"]
+    if hw.is_gpu and backend == "peft" and packing and PACKED_FLEX_ATTENTION and hw.flex_attention_usable:
+        return FLEX_ATTENTION, None, [
+            f"attention: FlexAttention ({reason}), one kernel per layer for each packed micro batch with a document "
+            "mask; packed rows are padded to one length so that it compiles once"]
     return "sdpa", None, [f"attention: PyTorch SDPA ({reason})"]
+
+
+def auto_backend(config: LoraSFTConfig, hw: Hardware) -> tuple[str | None, str]:
+    """The backend `backend="auto"` trains with where the benchmark measured a winner, with the reason; None
+    where Unsloth stays the choice (when it imports).
+
+    Packed 16-bit LoRA on a GPU without FlashAttention: the peft backend's FlexAttention route (one kernel per
+    layer, Liger kernels) against Unsloth's one SDPA call per document, one H200 (docs/benchmarks.md): 8B shape
+    12,304 vs 11,261 tokens/s (1.09x), 1.5B shape 35,777 vs 17,717 (2.02x). QLoRA / 8-bit, unpacked batches,
+    offloaded checkpointing and FlashAttention machines were not measured on it, and stay with Unsloth.
+    """
+    if not (hw.is_gpu and PACKED_FLEX_ATTENTION and hw.flex_attention_usable) or hw.flash_attn_installed:
+        return None, ""
+    if config.sample_packing is False or config.load_in_4bit or config.load_in_8bit:
+        return None, ""
+    if config.gradient_checkpointing == "offload" or config.flash_attention:
+        return None, ""
+    return "peft", ("backend peft (backend='auto'): packed 16-bit LoRA trains fastest here on the FlexAttention route, "
+                    "one attention kernel per layer, where Unsloth would make one SDPA call per document "
+                    "(no FlashAttention installed)")
+
+
+def resolve_liger(hw: Hardware, backend: str) -> tuple[bool, list[str]]:
+    """Liger's fused RMSNorm, SwiGLU and RoPE kernels on the peft backend (Unsloth has its own)."""
+    if not (hw.is_gpu and backend == "peft" and LIGER_KERNELS):
+        return False, []
+    if not hw.liger_kernel_installed:
+        return False, ["Liger kernels not used (liger-kernel not installed)"]
+    return True, ["Liger kernels for RMSNorm, SwiGLU and RoPE (liger-kernel installed); the loss stays TRL's "
+                  "fused LM head"]
+
+
+def packed_length(attention: str, micro_batch_size: int, seq_len: int) -> int | None:
+    """The static length packed rows are padded to under FlexAttention; None (pad to the batch's own) otherwise."""
+    from .models.attention import FLEX_ATTENTION, static_packed_length
+
+    return static_packed_length(micro_batch_size, seq_len) if attention == FLEX_ATTENTION else None
 
 
 def resolve_packing(config: LoraSFTConfig, hw: Hardware, backend: str) -> tuple[bool, list[str]]:
@@ -270,12 +320,13 @@ def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelSha
         config.effective_batch_size, config.micro_batch_size, config.gradient_accumulation_steps, world, max_micro)
     optim, optim_notes = resolve_optimizer(config, hw)
     attention, sdpa_backends, attn_notes = resolve_attention(config, hw, backend, packing)
+    liger, liger_notes = resolve_liger(hw, backend)
     return RunPlan(
         backend=backend, device=hw.device, dtype=dtype, tf32=config.tf32, world_size=world,
         micro_batch_size=micro, gradient_accumulation_steps=accumulation, effective_batch_size=effective,
         sample_packing=packing, gradient_checkpointing=checkpointing, optim=optim, attn_implementation=attention,
-        sdpa_backends=sdpa_backends,
-        notes=notes + ckpt_notes + batch_notes + pack_notes + optim_notes + attn_notes,
+        sdpa_backends=sdpa_backends, packed_length=packed_length(attention, micro, seq_len), liger_kernel=liger,
+        notes=notes + ckpt_notes + batch_notes + pack_notes + optim_notes + attn_notes + liger_notes,
         flops_per_token=shape.flops_per_token((mean_row_tokens or seq_len) / 2, checkpointing != "off") if shape else None,
         peak_tflops=peak_tflops(hw),
     )

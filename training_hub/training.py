@@ -41,6 +41,8 @@ def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, eva
         packing=plan.sample_packing,
         packing_strategy="bfd",
         padding_free=plan.sample_packing,
+        pad_to_multiple_of=plan.packed_length,  # FlexAttention: every packed row one length, compiled once
+        use_liger_kernel=plan.liger_kernel,
         logging_steps=config.logging_steps,
         eval_strategy=("steps" if config.eval_steps else "epoch") if evaluate else "no",
         eval_steps=config.eval_steps,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import LoraSFTConfig
 from ..plan import RunPlan
 from .adapters import adapter_targets
+from .attention import FLEX_ATTENTION, register_flex_attention
 from .common import LoadedModel, check_quantized, count_parameters, device_map, lora_kwargs, quantization_config, torch_dtype
 from .targets import check_targets_exist, linear_projection_names
 
@@ -15,6 +16,8 @@ def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer) -> LoadedMo
     from transformers import AutoModelForCausalLM
 
     quant = quantization_config(config, plan.dtype)
+    if plan.attn_implementation == FLEX_ATTENTION:
+        register_flex_attention()  # before loading: transformers checks the name against its registry
     model = AutoModelForCausalLM.from_pretrained(
         config.model_path,
         dtype=torch_dtype(plan.dtype),
