@@ -21,6 +21,7 @@ import difflib
 import functools
 import inspect
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -50,7 +51,7 @@ def field_type(name: str) -> Any:
 
 def members(tp: Any) -> tuple[Any, ...]:
     """The alternatives of a Union (one element for any other type)."""
-    return typing.get_args(tp) if typing.get_origin(tp) in (Union, typing.get_origin(int | None)) else (tp,)
+    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
 
 
 def choices(tp: Any) -> list[Any]:
@@ -115,10 +116,8 @@ def read_mapping(text: str) -> Any:
 
 
 def expected(tp: Any, value: Any) -> str:
-    hint = ""
-    if isinstance(value, str) and choices(tp):
-        close = difflib.get_close_matches(value, [str(c) for c in choices(tp)], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    """What the field takes, with the closest choice to a mistyped word."""
+    hint = did_you_mean(value, [str(c) for c in choices(tp)], repr) if isinstance(value, str) else ""
     return f"expected {type_name(tp)}{hint}"
 
 
@@ -419,7 +418,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if unknown:
         known = [s for action in args.command_parser._actions for s in action.option_strings]
         flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
-        raise ConfigError([f"unknown flag {f}{did_you_mean(f, known, kebab)}" for f in flags]
+        raise ConfigError([f"{f}: {PYTHON_ONLY[key_name(f[2:])]}" if key_name(f[2:]) in PYTHON_ONLY else
+                           f"unknown flag {f}{did_you_mean(f, known, kebab)}" for f in flags]
                           or [f"unexpected argument(s): {' '.join(unknown)}"])
     return args
 
