@@ -230,15 +230,19 @@ def add_option(container, name: str, *aliases: str, **kwargs) -> argparse.Action
 
 
 def metavar(name: str) -> str:
-    """What a flag takes, e.g. N, X, BOOL, A,B or {auto,unsloth,peft} for a Literal."""
+    """What a flag takes, e.g. N, X, BOOL, A,B or {auto,unsloth,peft}; long lists of choices are left to the help
+    line, which names every choice."""
     words = {bool: "BOOL", int: "N", float: "X", str: "TEXT", list: "A,B", dict: "MAPPING"}
+    tp = field_type(name)
+    if len(choices(tp)) > 4:
+        return "CHOICE"
     parts = []
-    for m in members(field_type(name)):
+    for m in members(tp):
         if typing.get_origin(m) is Literal:
             parts += [str(c) for c in typing.get_args(m)]
         elif m is not type(None):
             parts.append(words.get(typing.get_origin(m) or m, "PATH"))
-    return parts[0] if len(parts) == 1 and not choices(field_type(name)) else "{" + ",".join(parts) + "}"
+    return parts[0] if len(parts) == 1 and not choices(tp) else "{" + ",".join(parts) + "}"
 
 
 def add_parameter_flag(container, name: str, *aliases: str) -> None:
