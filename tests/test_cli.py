@@ -53,6 +53,7 @@ def test_every_parameter_is_a_flag_in_both_spellings():
                                                                  ["q_proj", "v_proj", "k_proj"]),
     ("rank_pattern", "{q_proj: 8}", {"q_proj": 8}), ("rank_pattern", {"q_proj": "8"}, {"q_proj": 8}),
     ("data_output_dir", "none", "none"),  # a str field: 'none' is its own value (disables the cache)
+    ("eval_data_path", "none", None), ("eval_data_path", "eval.jsonl", "eval.jsonl"), ("data_path", "none", "none"),
     ("wandb_run_name", 2024, "2024"), ("rdzv_id", "5", 5), ("nproc_per_node", "gpu", "gpu"),
 ])
 def test_values_are_coerced_to_the_field_type(name, given, value):

@@ -80,11 +80,11 @@ def coerce(name: str, value: Any) -> Any:
 
     Raises ValueError with the expected type (and the closest choice) when it does not fit."""
     tp = field_type(name)
+    if isinstance(value, str) and value.strip().lower() in NONE_WORDS and not accepts(tp, str) and (
+            accepts(tp, type(None)) or LoraSFTConfig.__dataclass_fields__[name].default is None):
+        return None
     if tp is Any:  # data_path / eval_data_path: a path from the command line or YAML
         return value
-    if isinstance(value, str) and value.strip().lower() in NONE_WORDS and accepts(tp, type(None)) \
-            and not accepts(tp, str):
-        return None
     if accepts(tp, list) and isinstance(value, (str, list)):
         value = split_list(value)
     elif accepts(tp, dict) and isinstance(value, str):
