@@ -636,7 +636,7 @@ def main_parent(args) -> int:
     (out / "bench.json").write_text(json.dumps(bench, indent=2))
     from training_hub.manifest import package_versions  # light: no torch
 
-    vers = {k: v for k, v in package_versions().items() if k != "training-hub"}
+    vers = {k: v for k, v in package_versions().items() if k != "training-hub-lora"}
     start = time.perf_counter()
     print(f"throughput: preparing model {shape} and data in {work} ...", flush=True)
     prep, detail = run_child(["--run-prepare", "--out", str(out)], out / "logs" / "prepare.log", PREPARE_MARK, None)

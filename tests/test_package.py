@@ -1,5 +1,6 @@
 """The package stays light to import, and every parameter is documented once and shown the same everywhere."""
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ def test_every_parameter_is_documented_once_and_shown_the_same_everywhere():
     doc = (Path(__file__).parents[1] / "docs" / "parameters.md").read_text()
     assert reference.docs_block(doc) == reference.markdown(), "run: python -m training_hub.reference"
     assert reference.docstring_block(lora_sft.__doc__) == reference.docstring_args()
-    train = build_parser()._subparsers._group_actions[0].choices["train"]
-    shown = {a.dest: a.help for a in train._actions}
+    lora_sft_command = build_parser()._subparsers._group_actions[0].choices["lora-sft"]
+    shown = {a.dest: a.help for a in lora_sft_command._actions if a.help != argparse.SUPPRESS}  # not the aliases
     assert all(shown[name] == reference.cli_help(name) for name in PARAMETER_NAMES if name != "callbacks")
 
 

@@ -15,7 +15,7 @@ from .files import write_atomic
 from .hardware import is_main_process
 from .outputs import MANIFEST_FILE
 
-PACKAGES = ("training-hub", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth",
+PACKAGES = ("training-hub-lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth",
             "unsloth_zoo", "bitsandbytes", "xformers", "flash_attn")
 
 

@@ -17,8 +17,8 @@ from .common import (LoadedModel, check_quantized, count_parameters, device_map,
 from .targets import check_targets_exist, linear_projection_names
 
 logger = logging.getLogger("training_hub")
-INSTALL_HINT = ('pip install "training-hub[lora]" (on a CUDA machine); on a CPU-only machine see the README '
-                "(unsloth==2026.10.9 with --no-deps)")
+INSTALL_HINT = ('install the lora extra from a clone of this project: pip install -e ".[lora]" (on a CUDA machine); '
+                "on a CPU-only machine see the README (unsloth==2026.10.9 with --no-deps)")
 
 
 def import_unsloth() -> str | None:
