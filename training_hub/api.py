@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -171,7 +172,7 @@ def lora_sft(
 
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import checkpoints, data
+    from . import checkpoints, data, distributed
     from .models.adapters import unsloth_problems, with_adapter_settings
     from .models.unsloth import import_unsloth
     from .tracking import tracker_problems
@@ -183,6 +184,8 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     config = with_adapter_settings(config)
     if resume is not None:
         _raise_problems(checkpoints.resume_config_problems(resume, config.to_dict()))
+    if distributed.needs_launch(config, os.environ):  # plain python asking for several processes: start them
+        return distributed.launch(config)
     loaded = data.load_examples(config.data_path, **_data_fields(config))
     log(f"data: {len(loaded)} rows, format {loaded.format} ({loaded.source})")
     eval_loaded = None
@@ -285,7 +288,7 @@ def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
 def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, resume, fingerprint: str) -> TrainingResult:
     from dataclasses import asdict
 
-    from . import checkpoints, manifest, tracking, training
+    from . import checkpoints, distributed, manifest, tracking, training
     from .models import load_model
 
     out = _prepare_output(config, resume)
@@ -309,6 +312,8 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
                                      config, plan, out, callbacks)
     start = str(resume.checkpoint) if resume is not None and resume.checkpoint is not None else None
     tokens_before = _tokens_seen(Path(start)) if start else 0  # read now: rotation may delete the checkpoint
+    if start and plan.world_size > 1 and plan.device == "cpu":
+        distributed.allow_indexed_cpu_map_location()  # transformers loads the optimizer with map_location="cpu:0"
     with checkpoints.stop_on_signals(stop), training.sdpa_backends(plan.sdpa_backends):
         output = trainer.train(resume_from_checkpoint=start)
     _raise_if_stopped(stop, out, config, plan)

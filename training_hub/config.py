@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .data.schema import DatasetType
+from .distributed import launch_problems
 from .data.schema import TruncationMode as Truncation
 
 Backend = Literal["auto", "unsloth", "peft"]
@@ -179,12 +180,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "mlflow_tracking_uri": "MLflow logging",
     "mlflow_experiment_name": "MLflow logging",
     "mlflow_run_name": "MLflow logging",
-    "nnodes": "multi-node training",
-    "node_rank": "multi-node training",
-    "rdzv_id": "multi-node training",
-    "rdzv_endpoint": "multi-node training",
-    "master_addr": "multi-node training",
-    "master_port": "multi-node training",
     "enable_model_splitting": "splitting one model over several GPUs",
 }
 
@@ -297,11 +292,7 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         p.append("bf16 and fp16 are both True: choose one (or neither, to let training_hub pick for the hardware)")
     if c.use_dora and c.load_in_8bit:
         p.append("use_dora with load_in_8bit is not supported by PEFT: use load_in_4bit or 16-bit")
-    launched = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if c.nproc_per_node is not None and c.nproc_per_node != launched:
-        p.append(f"nproc_per_node={c.nproc_per_node!r}: launching the processes from lora_sft is not supported yet, and "
-                 f"this launch has {launched} process(es) per node; run `torchrun --nproc-per-node N script.py` "
-                 "and leave nproc_per_node unset (or equal to N)")
+    p += launch_problems(c, os.environ)
     if not c.load_in_4bit:
         ignored = [n for n in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
                    if getattr(c, n) != LoraSFTConfig.__dataclass_fields__[n].default]
