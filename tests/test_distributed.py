@@ -4,6 +4,7 @@ The end-to-end runs start `tests/distributed_job.py`, a plain `python` script wi
 calls lora_sft(nproc_per_node=...): the workers must not re-run it. Every wait is bounded by a timeout.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -69,6 +70,19 @@ def test_launch_plans():
     assert (master.rdzv_backend, master.rdzv_endpoint) == ("static", "n0:29500")
 
 
+def test_a_resumed_multi_node_run_may_meet_elsewhere_but_not_change_its_processes(tmp_path):
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text("{}")
+    saved = config(nnodes=2, node_rank=0, nproc_per_node=2, rdzv_endpoint="n0:29400")
+    checkpoints.mark_complete(folder, 2, saved.to_dict(), "fp")
+    point = checkpoints.find_resume_point(tmp_path, True)
+    other_node = config(nnodes=2, node_rank=1, nproc_per_node=2, rdzv_endpoint="n1:29401", rdzv_id="again")
+    assert checkpoints.resume_config_problems(point, other_node.to_dict()) == []
+    (problem,) = checkpoints.resume_config_problems(point, dataclasses.replace(other_node, nproc_per_node=4).to_dict())
+    assert "nproc_per_node: 2 in the checkpoint, 4 now" in problem
+
+
 def test_a_batch_that_cannot_be_split_fails_before_any_process_starts(tmp_path):
     from training_hub import lora_sft
 
@@ -118,6 +132,37 @@ def test_optimizer_state_loads_with_an_indexed_cpu_location(tmp_path):
     distributed.allow_indexed_cpu_map_location()  # registered once
     loaded = torch.load(tmp_path / "optimizer.pt", map_location="cpu:0", weights_only=True)
     assert torch.equal(loaded["exp_avg"], torch.ones(3))
+
+
+def test_model_splitting_spreads_layers_over_the_gpus_of_one_process_and_is_refused_elsewhere():
+    from training_hub.hardware import Hardware
+    from training_hub.models.common import device_map
+    from training_hub.plan import make_plan
+
+    four_gpus = Hardware(device="cuda", gpu_name="H200", gpu_count=4, bf16_supported=True, total_memory_gib=141,
+                         free_memory_gib=140)
+    plan = make_plan(config(enable_model_splitting=True), four_gpus, "peft", None, 512)
+    assert plan.model_splitting == "balanced" and device_map(plan) == "balanced"
+    assert any("model split over 4 GPUs" in note for note in plan.notes)
+    assert device_map(make_plan(config(), four_gpus, "peft", None, 512)) == {"": 0}
+    for hw, world, fragment in [(Hardware(device="cpu"), 1, "on the CPU: there is nothing to split over"),
+                                (dataclasses.replace(four_gpus, gpu_count=1), 1, "with 1 visible GPU: nothing to split"),
+                                (four_gpus, 2, "accelerate 1.15 turns FSDP on only for GPU processes")]:
+        with pytest.raises(ConfigError, match=fragment):
+            make_plan(config(enable_model_splitting=True), hw, "peft", None, 512, world)
+    with pytest.raises(ConfigError) as info:
+        config(enable_model_splitting=True, backend="unsloth", nproc_per_node=2)
+    assert "Unsloth's kernels and patches assume the whole model on one GPU" in str(info.value)
+    assert "with several processes would shard the frozen base" in str(info.value)
+
+
+def test_model_splitting_on_the_cpu_fails_before_a_model_loads(tiny_model_factory, greeting_jsonl, tmp_path):
+    from training_hub import lora_sft
+
+    with pytest.raises(ConfigError, match="enable_model_splitting=True on the CPU"):
+        lora_sft(str(tiny_model_factory("qwen2", "chatml")), str(greeting_jsonl), str(tmp_path / "out"),
+                 enable_model_splitting=True, data_output_dir="none")
+    assert not (tmp_path / "out").exists()
 
 
 # ---- end to end: workers started by lora_sft ------------------------------------------------------------------

@@ -195,7 +195,7 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     if config.eval_data_path is not None:
         eval_loaded = data.load_examples(config.eval_data_path, **_data_fields(config))
         log(f"eval data: {len(eval_loaded)} rows, format {eval_loaded.format} ({eval_loaded.source})")
-    backend = _resolve_backend(config.backend, import_unsloth)
+    backend = _resolve_backend("peft" if config.enable_model_splitting else config.backend, import_unsloth)
     if backend == "unsloth" and config.lora_adapter is not None:
         _raise_problems(unsloth_problems(config.lora_adapter))
     plan, tokenized, eval_tokenized, tokenizer = _plan_and_tokenize(config, loaded, eval_loaded, backend)

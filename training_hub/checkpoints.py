@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .distributed import RENDEZVOUS_ADDRESS_FIELDS
 from .files import replace_files_in, write_atomic
 from .hardware import is_main_process
 from .models.adapters import ADAPTER_WEIGHTS
@@ -39,6 +40,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "callbacks", "dry_run", "data_path", "data_output_dir",
     "dataloader_num_workers", "eval_data_path", "wandb_project", "wandb_entity", "wandb_run_name", "tensorboard_log_dir",
     "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name",
+    *RENDEZVOUS_ADDRESS_FIELDS,  # where the nodes meet, and each node's own node_rank, change nothing trained
 })
 # Consecutive non-finite gradient norms after which an fp16 run (whose loss scaler skips such steps) has diverged.
 FP16_SKIPPED_STEPS_LIMIT = 10

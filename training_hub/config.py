@@ -180,7 +180,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "mlflow_tracking_uri": "MLflow logging",
     "mlflow_experiment_name": "MLflow logging",
     "mlflow_run_name": "MLflow logging",
-    "enable_model_splitting": "splitting one model over several GPUs",
 }
 
 

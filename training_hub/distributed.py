@@ -38,7 +38,8 @@ DEFAULT_RUN_ID = "training_hub"  # every node of a multi-node job must use the s
 SPEC_FILE = "run.json"
 RESULT_FILE = "result.json"
 CALLBACKS_FILE = "callbacks.pkl"
-RENDEZVOUS_FIELDS = ("nnodes", "node_rank", "rdzv_id", "rdzv_endpoint", "master_addr", "master_port")
+# Launch settings that say where the nodes meet (and which node this is), not what is trained.
+RENDEZVOUS_ADDRESS_FIELDS = ("node_rank", "rdzv_id", "rdzv_endpoint", "master_addr", "master_port")
 # Seconds a stopping worker gets to save its checkpoint before the launcher kills it (torch's default).
 SHUTDOWN_TIMEOUT_S = 30
 
@@ -94,7 +95,7 @@ def launch_problems(config, environ: Mapping[str, str]) -> list[str]:
         p.append("rdzv_id='': give the job's id (the same on every node) or leave it unset")
     if under_launcher(environ):
         p += _running_launch_problems(c, environ)
-    return p
+    return p + model_splitting_problems(c, environ)
 
 
 def _running_launch_problems(c, environ: Mapping[str, str]) -> list[str]:
@@ -116,6 +117,50 @@ def _running_launch_problems(c, environ: Mapping[str, str]) -> list[str]:
         p.append(f"rdzv_id={c.rdzv_id!r}: the running launch's id is {environ['TORCHELASTIC_RUN_ID']!r}; "
                  "leave rdzv_id unset under torchrun")
     return p
+
+
+def model_splitting_problems(c, environ: Mapping[str, str]) -> list[str]:
+    """`enable_model_splitting` settings refused before anything loads (the hardware is checked in the plan)."""
+    if not c.enable_model_splitting:
+        return []
+    p = []
+    if c.backend == "unsloth":
+        p.append("enable_model_splitting=True with backend='unsloth': Unsloth's kernels and patches assume the whole "
+                 "model on one GPU; use backend='peft' (backend='auto' picks it for model splitting)")
+    several = (isinstance(c.nproc_per_node, int) and c.nproc_per_node > 1) or (c.nnodes or 1) > 1 or (
+        under_launcher(environ) and int(environ.get("WORLD_SIZE", "1")) > 1)
+    if several:
+        p.append(SHARDING_REFUSED)
+    return p
+
+
+# Why several processes do not shard the model (FSDP2) yet.
+SHARDING_REFUSED = (
+    "enable_model_splitting=True with several processes would shard the frozen base over them (FSDP2), which is not "
+    "enabled yet: accelerate 1.15 turns FSDP on only for GPU processes (CPU processes get plain DDP with the FSDP "
+    "settings ignored), so it cannot be tested on the CPU, and it has not been run on several GPUs. Use one process "
+    "(no nproc_per_node, not under torchrun) to spread the layers over the visible GPUs, or load_in_4bit=True "
+    "(QLoRA) to fit a larger model on each GPU")
+
+
+def resolve_model_splitting(enabled: bool, hw, world_size: int) -> tuple[str | None, list[str]]:
+    """("balanced", notes) when one process spreads the model's layers over the visible GPUs (transformers'
+    device_map="balanced", the layers run one GPU after another); (None, []) when splitting is off. Raises
+    ConfigError where it cannot run."""
+    from .config import ConfigError
+
+    if not enabled:
+        return None, []
+    if world_size > 1:
+        raise ConfigError([SHARDING_REFUSED])
+    if not hw.is_gpu:
+        raise ConfigError(["enable_model_splitting=True on the CPU: there is nothing to split over (one process "
+                           "already holds the whole model in RAM); leave it unset"])
+    if hw.gpu_count < 2:
+        raise ConfigError([f"enable_model_splitting=True with {hw.gpu_count} visible GPU: nothing to split over; use "
+                           "load_in_4bit=True (QLoRA: about a quarter of the weight memory) or more GPUs"])
+    return "balanced", [f"model split over {hw.gpu_count} GPUs (device_map='balanced': each holds a share of the "
+                        "layers, which run one GPU after another)"]
 
 
 # ---- the launch plan -------------------------------------------------------------------------------------------
