@@ -7,6 +7,7 @@ a list of dicts). No `if __name__ == "__main__"` guard on purpose: the workers m
 """
 
 import json
+import signal
 import sys
 import time
 
@@ -27,8 +28,10 @@ start = time.time()
 try:
     result = training_hub.lora_sft(**kwargs, callbacks=callbacks or None)
 except Exception as exc:
-    print(json.dumps({"error_type": type(exc).__name__, "error": str(exc), "seconds": time.time() - start}))
+    print(json.dumps({"error_type": type(exc).__name__, "error": str(exc), "seconds": time.time() - start,
+                      "handlers_restored": signal.getsignal(signal.SIGINT) is signal.default_int_handler}))
     sys.exit(1)
 model, tokenizer = (None, None) if not result.metrics else result.load_model() if result.model is None else (result.model, None)
 print(json.dumps({"metrics": result.metrics, "plan": result.plan, "output_dir": str(result.output_dir),
-                  "loaded_model": type(model).__name__, "seconds": time.time() - start}))
+                  "loaded_model": type(model).__name__, "seconds": time.time() - start,
+                  "handlers_restored": signal.getsignal(signal.SIGINT) is signal.default_int_handler}))

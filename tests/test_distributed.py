@@ -217,6 +217,7 @@ def test_self_launch_trains_once_and_kill_then_resume_equals_the_whole_run(setti
     assert len(pids.read_text().split()) == 2 and proc.stdout.count('"metrics"') == 1  # the script ran once
     assert [s for s, _ in step_losses(whole)] == list(range(1, 9))  # written by rank 0 alone
     assert summary["metrics"]["global_step"] == 8 and summary["loaded_model"] == "PeftModelForCausalLM"
+    assert summary["handlers_restored"]  # Ctrl-C raises KeyboardInterrupt again after the call
 
     pids.unlink()
     proc, summary = run_job(**settings, ckpt_output_dir=str(killed), _pid_file=str(pids),
@@ -241,7 +242,7 @@ def test_a_rank_that_raises_ends_every_worker_with_its_message(settings, tmp_pat
     first_line = summary["error"].splitlines()[0]
     assert first_line == "rank 1 (local rank 1) failed: ValueError: rank 1 broke on purpose at step 2"
     assert "Traceback" not in summary["error"] and "every rank's output is in" in summary["error"]
-    assert alive(pids) == [] and len(pids.read_text().split()) == 2
+    assert alive(pids) == [] and len(pids.read_text().split()) == 2 and summary["handlers_restored"]
     assert max(s for s, _ in step_losses(out)) <= 2  # stopped there, not after the whole run
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .data.schema import DatasetType
-from .distributed import launch_problems
 from .data.schema import TruncationMode as Truncation
+from .distributed import launch_problems
 
 Backend = Literal["auto", "unsloth", "peft"]
 GradientCheckpointing = Union[bool, Literal["auto", "offload"]]

@@ -16,6 +16,7 @@ The light functions here (checks, the launch plan) import nothing heavy; `config
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,8 +24,10 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,14 +340,33 @@ def launch(config):
                                     local_ranks_filter={0}),
     )
     try:
-        elastic_launch(launch_config, sys.executable)("-u", "-m", "training_hub.worker", str(spec))
+        with _signal_handlers_kept():
+            elastic_launch(launch_config, sys.executable)("-u", "-m", "training_hub.worker", str(spec))
     except ChildFailedError as exc:
-        raise _worker_error(exc, folder, TrainingStopped) from None
+        raise _worker_error(exc, folder) from None
     except SignalException as exc:
         raise TrainingStopped(_stopped_by_signal(exc.sigval.name, config)) from None
     result = read_result(folder / RESULT_FILE, config)
     shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """The launcher installs handlers that turn SIGTERM/SIGINT/SIGHUP/SIGQUIT into its SignalException (to forward
+    them to the workers) and leaves them installed; the caller's own handlers come back afterwards (so Ctrl-C in a
+    notebook raises KeyboardInterrupt again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [n for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n)]
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(getattr(signal, name), handler)
 
 
 def _check_batch(config, world_size: int) -> None:
@@ -355,7 +377,7 @@ def _check_batch(config, world_size: int) -> None:
                   world_size, MAX_AUTO_MICRO_BATCH)
 
 
-def _worker_error(exc, folder: Path, stopped_type: type[Exception]) -> Exception:
+def _worker_error(exc, folder: Path) -> Exception:
     """One error for the first failing rank: its exception's message (from the error file `record` wrote), or
     how it ended (a signal, an exit code), and the folder of every rank's log."""
     rank, failure = exc.get_first_failure()
@@ -366,8 +388,10 @@ def _worker_error(exc, folder: Path, stopped_type: type[Exception]) -> Exception
         message = (f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}")
     logs = f"every rank's output is in {folder / 'logs'}"
     type_name, _, text = str(message).partition(": ")
-    if type_name == "TrainingStopped":
-        return stopped_type(f"{text}\n({logs})")
+    if type_name == "TrainingStopped":  # divergence, reported by the worker
+        from .checkpoints import TrainingStopped
+
+        return TrainingStopped(f"{text}\n({logs})")
     return WorkerFailed(f"rank {rank} (local rank {failure.local_rank}) failed: {message}\n({logs})")
 
 
