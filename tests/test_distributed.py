@@ -66,6 +66,10 @@ def test_launch_plans():
     assert (numbered.rdzv_backend, numbered.rdzv_endpoint, numbered.node_rank, numbered.world_size) == ("static", "n0:1234", 2, 32)
     arrival = distributed.make_launch_plan(config(nnodes=2, nproc_per_node=1, rdzv_endpoint="n0", rdzv_id=5), 0)
     assert (arrival.rdzv_backend, arrival.rdzv_endpoint, arrival.run_id) == ("c10d", "n0:29400", "5")
+    with pytest.raises(ConfigError, match=r"nproc_per_node=4: this node has 2 visible GPU\(s\), one per process; "
+                                          r"valid values: \[1, 2\], 'auto' or 'gpu'"):
+        distributed.make_launch_plan(config(nproc_per_node=4), gpu_count=2)
+    assert distributed.make_launch_plan(config(nproc_per_node=4), gpu_count=0).nproc_per_node == 4  # CPU processes
     master = distributed.make_launch_plan(config(nnodes=2, node_rank=1, nproc_per_node=2, master_addr="n0"), 2)
     assert (master.rdzv_backend, master.rdzv_endpoint) == ("static", "n0:29500")
 
@@ -121,6 +125,23 @@ def test_in_memory_data_travels_as_a_jsonl_file(tmp_path):
     assert spec["config"]["ckpt_output_dir"] == "out" and spec["callbacks"] is None
     with pytest.raises(ConfigError, match="data_path=set: worker processes read data from a file"):
         distributed.write_rows({1, 2}, tmp_path / "x.jsonl", "data_path")
+
+
+def test_the_error_names_the_rank_that_caused_the_failure_not_one_that_lost_its_peer(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    lost_peer = tmp_path / "error0.json"
+    lost_peer.write_text(json.dumps({"message": {"message": "RuntimeError: [pair.cc:537] Read error [127.0.0.1]:1: "
+                                                            "Connection reset by peer. GLHF!",
+                                                 "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "100"}}}))
+    failures = {0: ProcessFailure(local_rank=0, pid=10, exitcode=1, error_file=str(lost_peer)),
+                1: ProcessFailure(local_rank=1, pid=11, exitcode=-9, error_file=str(tmp_path / "none.json"))}
+    error = distributed._worker_error(ChildFailedError("worker", failures), tmp_path)
+    first, second, logs = str(error).splitlines()
+    assert isinstance(error, distributed.WorkerFailed)
+    assert first == "rank 1 (local rank 1) failed: killed by SIGKILL"  # although rank 0's error is dated earlier
+    assert second.startswith("then rank 0 failed: RuntimeError: [pair.cc:537]") and "Traceback" not in str(error)
+    assert logs == f"(every rank's output is in {tmp_path / 'logs'})"
 
 
 def test_optimizer_state_loads_with_an_indexed_cpu_location(tmp_path):

@@ -211,13 +211,21 @@ def needs_launch(config, environ: Mapping[str, str], gpu_count: int | None = Non
     if (config.nnodes or 1) > 1:
         return True
     if config.nproc_per_node in ("auto", "gpu"):
-        return resolve_nproc(config.nproc_per_node, visible_gpus() if gpu_count is None else gpu_count) > 1
+        from .hardware import gpu_count as count_gpus
+
+        return resolve_nproc(config.nproc_per_node, count_gpus() if gpu_count is None else gpu_count) > 1
     return (config.nproc_per_node or 1) > 1
 
 
 def make_launch_plan(config, gpu_count: int) -> LaunchPlan:
-    """Turn the validated settings into a launch; assumes `launch_problems` found nothing."""
+    """Turn the validated settings into a launch; assumes `launch_problems` found nothing. Raises ConfigError
+    for more processes than GPUs on a GPU machine (two processes cannot share one GPU's NCCL rank)."""
+    from .config import ConfigError
+
     nproc = resolve_nproc(config.nproc_per_node, gpu_count)
+    if gpu_count and nproc > gpu_count:
+        raise ConfigError([f"nproc_per_node={config.nproc_per_node!r}: this node has {gpu_count} visible GPU(s), one "
+                           f"per process; valid values: {list(range(1, gpu_count + 1))}, 'auto' or 'gpu'"])
     nodes = config.nnodes or 1
     run_id = str(config.rdzv_id) if config.rdzv_id is not None else DEFAULT_RUN_ID
     if config.rdzv_endpoint is not None or config.master_addr is not None or config.master_port is not None:
@@ -232,12 +240,6 @@ def make_launch_plan(config, gpu_count: int) -> LaunchPlan:
     import uuid
 
     return LaunchPlan(nproc, 1, None, "c10d", "localhost:0", f"{DEFAULT_RUN_ID}-{uuid.uuid4().hex[:12]}")
-
-
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 # ---- what travels to the workers -------------------------------------------------------------------------------
@@ -323,7 +325,9 @@ def launch(config):
 
     from .checkpoints import TrainingStopped
 
-    plan = make_launch_plan(config, visible_gpus())
+    from .hardware import gpu_count
+
+    plan = make_launch_plan(config, gpu_count())
     _check_batch(config, plan.world_size)
     folder = Path(tempfile.mkdtemp(prefix="training_hub-launch-"))
     spec = write_worker_spec(config, folder)
@@ -377,22 +381,39 @@ def _check_batch(config, world_size: int) -> None:
                   world_size, MAX_AUTO_MICRO_BATCH)
 
 
-def _worker_error(exc, folder: Path) -> Exception:
-    """One error for the first failing rank: its exception's message (from the error file `record` wrote), or
-    how it ended (a signal, an exit code), and the folder of every rank's log."""
-    rank, failure = exc.get_first_failure()
+# How a rank's error reads when it only saw another rank go away (gloo, NCCL): not the cause of a failed run.
+PEER_FAILURE_MARKERS = ("closed by peer", "reset by peer", "Broken pipe", "remote process exited",
+                        "communicator was aborted", "remote worker")
+
+
+def _failure_text(failure) -> str:
+    """A failed rank's exception ("Type: message", from the error file `record` wrote), or how it ended."""
+    if failure.error_file_data.get("message") in (None, "<NONE>"):  # no error file: killed, or exited without one
+        return f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
     message = failure.message
     if isinstance(message, dict):  # the error file's {"message": "Type: text", "extraInfo": {...}}
         message = message.get("message", json.dumps(message))
-    if failure.error_file_data.get("message") in (None, "<NONE>"):  # no error file: killed, or exited without one
-        message = (f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}")
+    return str(message)
+
+
+def _worker_error(exc, folder: Path) -> Exception:
+    """One error naming the rank that caused the failure and its message, then one line per rank that failed
+    only because of it, and the folder of every rank's log. The cause is the first failure (by time, then
+    rank) that is not a lost connection to another rank: the launcher's own "first failure" compares
+    whole-second timestamps, so a rank's lost connection can tie with the kill of the rank that caused it."""
+    failures = sorted(exc.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    texts = {rank: _failure_text(failure) for rank, failure in failures}
+    causes = [rank for rank, _ in failures if not any(m in texts[rank] for m in PEER_FAILURE_MARKERS)]
+    cause = causes[0] if causes else failures[0][0]
     logs = f"every rank's output is in {folder / 'logs'}"
-    type_name, _, text = str(message).partition(": ")
+    type_name, _, text = texts[cause].partition(": ")
     if type_name == "TrainingStopped":  # divergence, reported by the worker
         from .checkpoints import TrainingStopped
 
         return TrainingStopped(f"{text}\n({logs})")
-    return WorkerFailed(f"rank {rank} (local rank {failure.local_rank}) failed: {message}\n({logs})")
+    lines = [f"rank {cause} (local rank {exc.failures[cause].local_rank}) failed: {texts[cause]}"]
+    lines += [f"then rank {rank} failed: {texts[rank][:160]}" for rank, _ in failures if rank != cause]
+    return WorkerFailed("\n".join(lines) + f"\n({logs})")
 
 
 def _stopped_by_signal(signal_name: str, config) -> str:
