@@ -173,13 +173,15 @@ def lora_sft(
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
     from . import checkpoints, data, distributed
+    from .hardware import is_main_process
     from .models.adapters import unsloth_problems, with_adapter_settings
     from .models.unsloth import import_unsloth
     from .tracking import tracker_problems
 
     out = Path(config.ckpt_output_dir)
-    _raise_problems(cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint)
-                    + tracker_problems(config))
+    # Only rank 0 writes, so only it checks the folder: another rank could look after rank 0 started writing there.
+    _raise_problems((cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint)
+                     if is_main_process() else []) + tracker_problems(config))
     resume = checkpoints.find_resume_point(out, config.resume_from_checkpoint)
     config = with_adapter_settings(config)
     if resume is not None:
