@@ -7,6 +7,7 @@ calls lora_sft(nproc_per_node=...): the workers must not re-run it. Every wait i
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -188,6 +189,13 @@ def test_model_splitting_on_the_cpu_fails_before_a_model_loads(tiny_model_factor
 
 # ---- end to end: workers started by lora_sft ------------------------------------------------------------------
 
+def remove_launch_logs(error: str) -> None:
+    """A failed launch keeps its logs folder (named on the error's last line); the tests clean it up."""
+    folder = Path(error.splitlines()[-1].removeprefix("(every rank's output is in ").removesuffix(")"))
+    assert folder.name == "logs" and folder.is_dir(), error
+    shutil.rmtree(folder.parent)
+
+
 def run_job(**kwargs) -> tuple[subprocess.CompletedProcess, dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(JOB), json.dumps(kwargs)], capture_output=True, text=True,
@@ -245,6 +253,7 @@ def test_self_launch_trains_once_and_kill_then_resume_equals_the_whole_run(setti
                             _fail={"rank": 1, "step": 3, "kill": True})
     assert proc.returncode == 1 and summary["error_type"] == "WorkerFailed"
     assert summary["error"].startswith("rank 1 (local rank 1) failed: killed by SIGKILL")
+    remove_launch_logs(summary["error"])
     assert alive(pids) == [] and not (killed / "adapter_model.safetensors").exists()
 
     proc, summary = run_job(**settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
@@ -264,6 +273,7 @@ def test_a_rank_that_raises_ends_every_worker_with_its_message(settings, tmp_pat
     assert first_line == "rank 1 (local rank 1) failed: ValueError: rank 1 broke on purpose at step 2"
     assert "Traceback" not in summary["error"] and "every rank's output is in" in summary["error"]
     assert alive(pids) == [] and len(pids.read_text().split()) == 2 and summary["handlers_restored"]
+    remove_launch_logs(summary["error"])
     assert max(s for s, _ in step_losses(out)) <= 2  # stopped there, not after the whole run
 
 
@@ -304,5 +314,6 @@ def test_sigterm_to_the_caller_reaches_the_workers_which_save_and_stop(settings,
         proc.kill()
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["error_type"] == "TrainingStopped" and "Training stopped by SIGTERM" in summary["error"]
+    remove_launch_logs(summary["error"])
     (saved,) = out.glob("checkpoint-*")
     assert checkpoints.is_complete(saved) and (saved / "rng_state_0.pth").exists() and (saved / "rng_state_1.pth").exists()

@@ -349,7 +349,7 @@ def launch(config):
     except ChildFailedError as exc:
         raise _worker_error(exc, folder) from None
     except SignalException as exc:
-        raise TrainingStopped(_stopped_by_signal(exc.sigval.name, config)) from None
+        raise TrainingStopped(f"{_stopped_by_signal(exc.sigval.name, config)}\n({_logs_line(folder)})") from None
     result = read_result(folder / RESULT_FILE, config)
     shutil.rmtree(folder, ignore_errors=True)
     return result
@@ -405,7 +405,7 @@ def _worker_error(exc, folder: Path) -> Exception:
     texts = {rank: _failure_text(failure) for rank, failure in failures}
     causes = [rank for rank, _ in failures if not any(m in texts[rank] for m in PEER_FAILURE_MARKERS)]
     cause = causes[0] if causes else failures[0][0]
-    logs = f"every rank's output is in {folder / 'logs'}"
+    logs = _logs_line(folder)
     type_name, _, text = texts[cause].partition(": ")
     if type_name == "TrainingStopped":  # divergence, reported by the worker
         from .checkpoints import TrainingStopped
@@ -414,6 +414,10 @@ def _worker_error(exc, folder: Path) -> Exception:
     lines = [f"rank {cause} (local rank {exc.failures[cause].local_rank}) failed: {texts[cause]}"]
     lines += [f"then rank {rank} failed: {texts[rank][:160]}" for rank, _ in failures if rank != cause]
     return WorkerFailed("\n".join(lines) + f"\n({logs})")
+
+
+def _logs_line(folder: Path) -> str:
+    return f"every rank's output is in {folder / 'logs'}"
 
 
 def _stopped_by_signal(signal_name: str, config) -> str:
