@@ -352,5 +352,4 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tiny_model_fac
     (saved,) = out.glob("checkpoint-*")
     assert checkpoints.is_complete(saved)
     assert (saved / "rng_state_0.pth").exists() and (saved / "rng_state_1.pth").exists()
-    # Resuming this CPU (gloo) run is not tested: transformers 5.17 loads the optimizer state of a multi-process run
-    # with map_location=args.device, 'cpu:0' here, which torch.load rejects (docs/checkpoints.md).
+    # Resuming a multi-process run exactly: tests/test_distributed.py (kill -9 of one rank, then resume).

@@ -56,6 +56,8 @@ def test_unknown_keyword_suggests_closest(tmp_path):
         (dict(load_in_4bit=True, load_in_8bit=True), "load_in_4bit and load_in_8bit are both True"),
         (dict(micro_batch_size="big"), "micro_batch_size='big'"),
         (dict(target_modules=[]), "target_modules=[]"),
+        (dict(nproc_per_node=0), "nproc_per_node=0: give a number of processes >= 1"),
+        (dict(nnodes=2), "nnodes=2: the nodes need a meeting point"),
         (dict(bnb_4bit_quant_type="fp4"), "set without load_in_4bit=True"),
         (dict(callbacks=[object()]), "expected a transformers.TrainerCallback"),
         (dict(eval_steps=5), "evaluation needs eval_data_path"),
@@ -73,11 +75,11 @@ def test_bad_values_are_named(kwargs, fragment):
 def test_config_validation_is_pure(tmp_path, monkeypatch):
     """A config reads no files and no environment, so a saved one re-validates anywhere; those checks come with
     the environment's, before anything is read or written."""
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # as under torchrun --nproc-per-node 1
     config = LoraSFTConfig(model_path=str(tmp_path / "nope"), data_path="d.jsonl", ckpt_output_dir="out", nproc_per_node=4)
     problems = environment_problems(config)
     assert "model_path=" in problems[0] and "no such folder" in problems[0]
-    assert "this launch has 1 process(es) per node" in problems[1]
+    assert "started by a launcher (torchrun) with 1 process(es) per node" in problems[1]
     with pytest.raises(ConfigError, match="no such folder"):
         lora_sft(str(tmp_path / "nope"), "d.jsonl", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

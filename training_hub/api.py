@@ -216,22 +216,20 @@ def lora_sft(
             default is accepted.
         mlflow_run_name (str | None, None): MLflow run name. Not supported yet (MLflow logging): only the default is
             accepted.
-        nproc_per_node (int | 'auto' | 'gpu' | None, None): processes per node; must equal the current launch's
-            (torchrun --nproc-per-node N; 1 for python).
-        nnodes (int | None, None): number of nodes. Not supported yet (multi-node training): only the default is
-            accepted.
-        node_rank (int | None, None): this node's rank. Not supported yet (multi-node training): only the default is
-            accepted.
-        rdzv_id (int | str | None, None): rendezvous id. Not supported yet (multi-node training): only the default
-            is accepted.
-        rdzv_endpoint (str | None, None): rendezvous endpoint host:port. Not supported yet (multi-node training):
-            only the default is accepted.
-        master_addr (str | None, None): master address. Not supported yet (multi-node training): only the default is
-            accepted.
-        master_port (int | None, None): master port. Not supported yet (multi-node training): only the default is
-            accepted.
-        enable_model_splitting (bool, False): split one model over several GPUs. Not supported yet (splitting one
-            model over several GPUs): only the default is accepted.
+        nproc_per_node (int | 'auto' | 'gpu' | None, None): processes per node: from plain python, N > 1 makes
+            lora_sft start N workers itself and return their result; 'auto': every visible GPU (1 on a CPU-only
+            machine); 'gpu': every visible GPU; under torchrun it must equal torchrun's (docs/distributed.md).
+        nnodes (int | None, None): nodes of a self-launched job (each node runs the same call); needs rdzv_endpoint,
+            or master_addr with node_rank.
+        node_rank (int | None, None): this node's number, 0..nnodes-1 (node 0 hosts the rendezvous); unset with
+            rdzv_endpoint: nodes are numbered on arrival.
+        rdzv_id (int | str | None, None): the job's id, the same on every node.
+        rdzv_endpoint (str | None, None): 'host:port' where the nodes meet (c10d); not with master_addr/master_port.
+        master_addr (str | None, None): the torchrun-style meeting host, with node_rank.
+        master_port (int | None, None): the torchrun-style meeting port (default 29500).
+        enable_model_splitting (bool, False): one process spreads the model's layers over the visible GPUs
+            (device_map='balanced', peft backend); refused on the CPU, with one GPU, with backend='unsloth' and with
+            several processes (FSDP2 sharding is not enabled yet: docs/distributed.md).
         trust_remote_code (bool, False): allow the model's own Python code to run.
         callbacks (list[Any] | None, None): transformers TrainerCallbacks added to the trainer (Python only).
         dry_run (bool, False): validate, read and tokenize the data and print the plan; load no model, write

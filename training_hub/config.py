@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from .data.schema import DatasetType
-from .data.settings import settings_problems
 from .data.schema import TruncationMode as Truncation
+from .data.settings import settings_problems
+from .distributed import launch_problems
+from .distributed import launch_problems
 
 Backend = Literal["auto", "unsloth", "peft"]
 GradientCheckpointing = Union[bool, Literal["auto", "offload"]]
@@ -170,14 +172,21 @@ class LoraSFTConfig:
 
     # Distributed.
     nproc_per_node: int | Literal["auto", "gpu"] | None = param(
-        None, "processes per node; must equal the current launch's (torchrun --nproc-per-node N; 1 for python)")
-    nnodes: int | None = param(None, "number of nodes")
-    node_rank: int | None = param(None, "this node's rank")
-    rdzv_id: int | str | None = param(None, "rendezvous id")
-    rdzv_endpoint: str | None = param(None, "rendezvous endpoint host:port")
-    master_addr: str | None = param(None, "master address")
-    master_port: int | None = param(None, "master port")
-    enable_model_splitting: bool = param(False, "split one model over several GPUs")
+        None, "processes per node: from plain python, N > 1 makes lora_sft start N workers itself and return "
+              "their result; 'auto': every visible GPU (1 on a CPU-only machine); 'gpu': every visible GPU; under "
+              "torchrun it must equal torchrun's (docs/distributed.md)")
+    nnodes: int | None = param(None, "nodes of a self-launched job (each node runs the same call); needs "
+                                     "rdzv_endpoint, or master_addr with node_rank")
+    node_rank: int | None = param(None, "this node's number, 0..nnodes-1 (node 0 hosts the rendezvous); unset with "
+                                        "rdzv_endpoint: nodes are numbered on arrival")
+    rdzv_id: int | str | None = param(None, "the job's id, the same on every node")
+    rdzv_endpoint: str | None = param(None, "'host:port' where the nodes meet (c10d); not with master_addr/master_port")
+    master_addr: str | None = param(None, "the torchrun-style meeting host, with node_rank")
+    master_port: int | None = param(None, "the torchrun-style meeting port (default 29500)")
+    enable_model_splitting: bool = param(False, "one process spreads the model's layers over the visible GPUs "
+                                                "(device_map='balanced', peft backend); refused on the CPU, with one "
+                                                "GPU, with backend='unsloth' and with several processes (FSDP2 "
+                                                "sharding is not enabled yet: docs/distributed.md)")
 
     # Misc.
     trust_remote_code: bool = param(False, "allow the model's own Python code to run")
@@ -220,13 +229,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "mlflow_tracking_uri": "MLflow logging",
     "mlflow_experiment_name": "MLflow logging",
     "mlflow_run_name": "MLflow logging",
-    "nnodes": "multi-node training",
-    "node_rank": "multi-node training",
-    "rdzv_id": "multi-node training",
-    "rdzv_endpoint": "multi-node training",
-    "master_addr": "multi-node training",
-    "master_port": "multi-node training",
-    "enable_model_splitting": "splitting one model over several GPUs",
 }
 
 
@@ -316,6 +318,7 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
     p += settings_problems(c.max_seq_len, c.truncation)
     p += _positive(c, ["max_steps", "effective_batch_size", "gradient_accumulation_steps", "save_total_limit"], allow_none=True)
     p += _positive(c, ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"], allow_zero=True)
+    p += launch_problems(c, {})  # the launch settings' own values; against a running launch: environment.py
     if c.micro_batch_size is not None and c.micro_batch_size != "auto":
         p += _positive(c, ["micro_batch_size"])
     if not 0.0 <= c.lora_dropout < 1.0:

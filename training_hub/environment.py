@@ -10,13 +10,9 @@ import os
 from pathlib import Path
 
 from .config import LoraSFTConfig
+from .distributed import launch_problems
 
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
-
-
-def launched_processes_per_node() -> int:
-    """Processes per node of the current launch (torchrun sets LOCAL_WORLD_SIZE; 1 for plain python)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def environment_problems(config: LoraSFTConfig) -> list[str]:
@@ -25,9 +21,4 @@ def environment_problems(config: LoraSFTConfig) -> list[str]:
     if model.startswith(LOCAL_PATH_PREFIXES) and not Path(model).expanduser().exists():
         problems.append(f"model_path={model!r}: no such folder (give a local model folder, or a hub id like "
                         "'Qwen/Qwen2.5-1.5B')")
-    launched = launched_processes_per_node()
-    if config.nproc_per_node is not None and config.nproc_per_node != launched:
-        problems.append(f"nproc_per_node={config.nproc_per_node!r}: launching the processes from lora_sft is not "
-                        f"supported yet, and this launch has {launched} process(es) per node; run `torchrun "
-                        "--nproc-per-node N script.py` and leave nproc_per_node unset (or equal to N)")
-    return problems
+    return problems + launch_problems(config, os.environ)

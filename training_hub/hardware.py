@@ -46,6 +46,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def gpu_count() -> int:
+    """CUDA GPUs this process can see (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def xformers_usable() -> bool:
     """xformers is installed and its compiled kernels load with this torch: only then does Unsloth use it (a
     wheel built for another torch imports, warns, and is skipped)."""

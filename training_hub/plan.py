@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .config import ConfigError, LoraSFTConfig
 from .data.schema import DataSummary
+from .distributed import resolve_model_splitting
 from .hardware import Hardware
 
 # Only the part of free GPU memory that a run may plan to fill: beyond ~70% the allocator thrashes
@@ -80,6 +81,7 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     flops_per_token: float | None = None
     peak_tflops: float | None = None  # the GPU's nominal dense bf16 rate, for MFU
+    model_splitting: str | None = None  # "balanced": one process spreads the layers over the visible GPUs
 
 
 def resolve_precision(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[str]]:
@@ -321,12 +323,13 @@ def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelSha
     optim, optim_notes = resolve_optimizer(config, hw)
     attention, sdpa_backends, attn_notes = resolve_attention(config, hw, backend, packing)
     liger, liger_notes = resolve_liger(hw, backend)
+    splitting, split_notes = resolve_model_splitting(config.enable_model_splitting, hw, world)
     return RunPlan(
         backend=backend, device=hw.device, dtype=dtype, tf32=config.tf32, world_size=world,
         micro_batch_size=micro, gradient_accumulation_steps=accumulation, effective_batch_size=effective,
         sample_packing=packing, gradient_checkpointing=checkpointing, optim=optim, attn_implementation=attention,
         sdpa_backends=sdpa_backends, packed_length=packed_length(attention, micro, seq_len), liger_kernel=liger,
-        notes=notes + ckpt_notes + batch_notes + pack_notes + optim_notes + attn_notes + liger_notes,
+        notes=notes + ckpt_notes + batch_notes + pack_notes + optim_notes + attn_notes + liger_notes + split_notes,
         flops_per_token=shape.flops_per_token((mean_row_tokens or seq_len) / 2, checkpointing != "off") if shape else None,
-        peak_tflops=peak_tflops(hw),
+        peak_tflops=peak_tflops(hw), model_splitting=splitting,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ class Trained:
 
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import logs, outputs, preflight
+    from . import distributed, logs, outputs, preflight
     from .models.adapters import with_adapter_settings
 
     logs.enable_default_output()
@@ -53,6 +54,8 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     resume = check_environment(config, out)
     config = with_adapter_settings(config)
     raise_problems(resume.config_problems(config.to_dict()))
+    if distributed.needs_launch(config, os.environ):  # plain python asking for several processes: start them
+        return distributed.launch(config)
     data = read_data(config)
     backend = choose_backend(config)
     prepared = plan_and_tokenize(config, data, backend)
@@ -78,10 +81,13 @@ def check_environment(config: LoraSFTConfig, out: Path):
     """What the config cannot know alone: paths, the launch, the output folder, trackers. Returns the `Resume`."""
     from . import outputs
     from .environment import environment_problems
+    from .hardware import is_main_process
     from .resume import find_resume
     from .tracking import tracker_problems
 
-    raise_problems(environment_problems(config) + outputs.folder_problems(config) + tracker_problems(config))
+    # Only rank 0 writes, so only it checks the folder: another rank could look after rank 0 started writing there.
+    folder = outputs.folder_problems(config) if is_main_process() else []
+    raise_problems(environment_problems(config) + folder + tracker_problems(config))
     return find_resume(out, config.resume_from_checkpoint)
 
 
@@ -110,7 +116,7 @@ def choose_backend(config: LoraSFTConfig) -> str:
     from .models.unsloth import INSTALL_HINT, import_unsloth
     from .plan import auto_backend
 
-    if config.backend == "peft":
+    if config.backend == "peft" or config.enable_model_splitting:  # splitting: the peft backend (distributed.py)
         return "peft"
     if config.backend == "auto":
         preferred, why = auto_backend(config, hardware.detect())
@@ -167,7 +173,7 @@ def load_model(config: LoraSFTConfig, prepared: Prepared):
 
 def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -> Trained:
     """Train to the end (or raise TrainingStopped), writing checkpoints, metrics and the manifest into `out`."""
-    from . import checkpoints, manifest, outputs, tracking, training
+    from . import checkpoints, distributed, manifest, outputs, tracking, training
 
     resume.prepare_output(out)
     manifest.write(out, config, prepared.plan, prepared.train.summary, model, prepared.fingerprint)
@@ -180,6 +186,8 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
     trainer = training.build_trainer(model.model, model.tokenizer, prepared.train.dataset, eval_dataset, config,
                                      prepared.plan, out, callbacks)
     tokens_before = resume.tokens_seen()
+    if resume.checkpoint is not None and prepared.plan.world_size > 1 and prepared.plan.device == "cpu":
+        distributed.allow_indexed_cpu_map_location()  # transformers loads the optimizer with map_location="cpu:0"
     with (checkpoints.stop_on_signals(stop), training.sdpa_backends(prepared.plan.sdpa_backends),
           checkpoints.disk_full_errors(out)):
         output = trainer.train(resume_from_checkpoint=resume.trainer_argument)

@@ -12,7 +12,7 @@ class TrainingResult:
     """The outcome of `lora_sft`. Also readable like the reference's dict: `result["model"]`.
 
     Attributes:
-        model: the trained PeftModel (None when training ran in other processes).
+        model: the trained PeftModel (None when training ran in other processes: see `load_model()`).
         tokenizer: the tokenizer saved with the adapter.
         trainer: the TRL SFTTrainer that trained it.
         output_dir: `ckpt_output_dir`; holds the adapter, tokenizer, run_config.json, training_metrics.jsonl.
@@ -34,6 +34,14 @@ class TrainingResult:
     model: Any = None
     tokenizer: Any = None
     trainer: Any = None
+
+    def load_model(self, device: str | None = None):
+        """Load the trained adapter with its base model (e.g. after a run in worker processes, where `model` is
+        None); fills `model` and `tokenizer` and returns (model, tokenizer)."""
+        from .api import load
+
+        self.model, self.tokenizer = load(self.adapter_path, device=device)
+        return self.model, self.tokenizer
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.__dataclass_fields__:

@@ -18,6 +18,7 @@ from typing import Any
 from . import checkpoints
 from .checkpoints import checkpoint_step, is_complete, list_checkpoints, read_marker
 from .config import ConfigError
+from .distributed import RENDEZVOUS_ADDRESS_FIELDS
 from .hardware import is_main_process
 from .outputs import COMPLETE_MARKER, FINAL_MARKER, METRICS_FILE, TRAINER_STATE
 
@@ -30,6 +31,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "callbacks", "dry_run", "data_path", "data_output_dir",
     "dataloader_num_workers", "eval_data_path", "wandb_project", "wandb_entity", "wandb_run_name", "tensorboard_log_dir",
     "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name",
+    *RENDEZVOUS_ADDRESS_FIELDS,  # where the nodes meet, and each node's own node_rank, change nothing trained
 })
 
 

@@ -64,7 +64,10 @@ def quantization_config(config: LoraSFTConfig, compute_dtype: str):
 
 
 def device_map(plan: RunPlan):
-    """Each process trains a whole copy on its own device (DDP under torchrun)."""
+    """Each process trains a whole copy on its own device (DDP under torchrun), or one process spreads the layers
+    over the visible GPUs (enable_model_splitting)."""
+    if plan.model_splitting == "balanced":
+        return "balanced"
     if plan.device == "cpu":
         return {"": "cpu"}
     from ..hardware import local_rank
