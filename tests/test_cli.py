@@ -139,7 +139,7 @@ def test_help_lines_come_from_the_parameter_reference(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "LoRA: --lora-r N " + cli_help("lora_r") in text
     assert "--backend {auto,unsloth,peft}" in text and "--micro-batch-size {N,auto}" in text
-    assert "Not supported yet (multi-node training)" in text and "--lora_r N" not in text
+    assert "Not supported yet (LoftQ initialisation)" in text and "--lora_r N" not in text
 
 
 def test_the_model_hub_unreachable_is_one_line():

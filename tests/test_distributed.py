@@ -19,6 +19,7 @@ import pytest
 
 from training_hub import checkpoints, distributed
 from training_hub.config import ConfigError, LoraSFTConfig
+from training_hub.resume import find_resume
 
 JOB = Path(__file__).with_name("distributed_job.py")
 REQUIRED = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="out")
@@ -81,10 +82,10 @@ def test_a_resumed_multi_node_run_may_meet_elsewhere_but_not_change_its_processe
     (folder / "trainer_state.json").write_text("{}")
     saved = config(nnodes=2, node_rank=0, nproc_per_node=2, rdzv_endpoint="n0:29400")
     checkpoints.mark_complete(folder, 2, saved.to_dict(), "fp")
-    point = checkpoints.find_resume_point(tmp_path, True)
+    point = find_resume(tmp_path, True)
     other_node = config(nnodes=2, node_rank=1, nproc_per_node=2, rdzv_endpoint="n1:29401", rdzv_id="again")
-    assert checkpoints.resume_config_problems(point, other_node.to_dict()) == []
-    (problem,) = checkpoints.resume_config_problems(point, dataclasses.replace(other_node, nproc_per_node=4).to_dict())
+    assert point.config_problems(other_node.to_dict()) == []
+    (problem,) = point.config_problems(dataclasses.replace(other_node, nproc_per_node=4).to_dict())
     assert "nproc_per_node: 2 in the checkpoint, 4 now" in problem
 
 
@@ -163,15 +164,15 @@ def test_model_splitting_spreads_layers_over_the_gpus_of_one_process_and_is_refu
 
     four_gpus = Hardware(device="cuda", gpu_name="H200", gpu_count=4, bf16_supported=True, total_memory_gib=141,
                          free_memory_gib=140)
-    plan = make_plan(config(enable_model_splitting=True), four_gpus, "peft", None, 512)
+    plan = make_plan(config(enable_model_splitting=True), four_gpus, "peft", None)
     assert plan.model_splitting == "balanced" and device_map(plan) == "balanced"
     assert any("model split over 4 GPUs" in note for note in plan.notes)
-    assert device_map(make_plan(config(), four_gpus, "peft", None, 512)) == {"": 0}
+    assert device_map(make_plan(config(), four_gpus, "peft", None)) == {"": 0}
     for hw, world, fragment in [(Hardware(device="cpu"), 1, "on the CPU: there is nothing to split over"),
                                 (dataclasses.replace(four_gpus, gpu_count=1), 1, "with 1 visible GPU: nothing to split"),
                                 (four_gpus, 2, "accelerate 1.15 turns FSDP on only for GPU processes")]:
         with pytest.raises(ConfigError, match=fragment):
-            make_plan(config(enable_model_splitting=True), hw, "peft", None, 512, world)
+            make_plan(config(enable_model_splitting=True), hw, "peft", None, world)
     with pytest.raises(ConfigError) as info:
         config(enable_model_splitting=True, backend="unsloth", nproc_per_node=2)
     assert "Unsloth's kernels and patches assume the whole model on one GPU" in str(info.value)

@@ -428,13 +428,13 @@ def _stopped_by_signal(signal_name: str, config) -> str:
 
 def read_result(path: Path, config):
     """The TrainingResult rank 0 wrote; on a node without rank 0, one with the paths only."""
+    from .outputs import result
     from .result import TrainingResult
 
     out = Path(config.ckpt_output_dir)
     if not path.is_file():
         logger.info("rank 0 ran on another node: its metrics and adapter are in ckpt_output_dir there")
-        return TrainingResult(output_dir=out, adapter_path=out, metrics_path=out / "training_metrics.jsonl",
-                              config_path=out / "run_config.json")
+        return result(out)
     saved = json.loads(path.read_text())
     return TrainingResult(**{k: Path(v) if k.endswith(("_dir", "_path")) else v for k, v in saved.items()})
 

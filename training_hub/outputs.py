@@ -187,12 +187,15 @@ def save_merged(model_path: str, out: Path, dtype: str, trust_remote_code: bool)
         logger.info(f"merged {dtype} model in {merged}")
 
 
-def result(out: Path, plan, data_summary, metrics: dict[str, Any] | None = None, model: Any = None,
+def result(out: Path, plan=None, data_summary=None, metrics: dict[str, Any] | None = None, model: Any = None,
            tokenizer: Any = None, trainer: Any = None) -> TrainingResult:
-    """The one place a `TrainingResult` is made: the paths of `out`, the plan and data summary as dicts."""
+    """The one place a `TrainingResult` is made: the paths of `out`, the plan and data summary as dicts (empty
+    when this process did not make them, e.g. the caller of a self-launched run on a node without rank 0)."""
     return TrainingResult(output_dir=out, adapter_path=out, metrics_path=out / METRICS_FILE,
-                          config_path=out / MANIFEST_FILE, metrics=metrics or {}, plan=asdict(plan),
-                          data_summary=data_summary.to_dict(), model=model, tokenizer=tokenizer, trainer=trainer)
+                          config_path=out / MANIFEST_FILE, metrics=metrics or {},
+                          plan=asdict(plan) if plan is not None else {},
+                          data_summary=data_summary.to_dict() if data_summary is not None else {},
+                          model=model, tokenizer=tokenizer, trainer=trainer)
 
 
 # ---- ownership: what a run writes, what it may replace, and the lock -------------------------------------

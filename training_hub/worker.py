@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.extend(p for p in spec["sys_path"] if p not in sys.path)  # the caller's modules (callback classes)
     _show_progress(spec["log_level"])
     from . import distributed
-    from .api import run
+    from .recipe import run
     from .config import LoraSFTConfig
     from .hardware import is_main_process
 
