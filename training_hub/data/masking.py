@@ -82,22 +82,19 @@ def bos_added_by_tokenizer(tokenizer: Any) -> int | None:
     return bos_id if ids and ids[0] == bos_id else None
 
 
-def render(renderer: Renderer, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    extra = {"chat_template": renderer.chat_template} if renderer.chat_template else {}
-    return renderer.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt, **extra)
-
-
 def check_prefix(prefix: str, full: str, count: int, how: str) -> None:
-    if full.startswith(prefix):
-        return
+    if not full.startswith(prefix):
+        raise not_a_prefix(prefix, full, count, how)
+
+
+def not_a_prefix(prefix: str, full: str, count: int, how: str) -> DataError:
     at = next((i for i, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
-    raise DataError(
+    return DataError(
         f"The chat template cannot be used for loss masking: the first {count} messages{how} render as text "
         f"that is not a prefix of the whole conversation (they differ at character {at}: "
-        f"{prefix[at:at + 30]!r} vs {full[at:at + 30]!r}). Templates that drop earlier reasoning, add a date "
-        "line or change earlier turns do this. Use a template that renders conversations incrementally, or "
-        "train_on_inputs=True.")
+        f"{prefix[at:at + 30]!r} vs {full[at:at + 30]!r}). Templates that add a date line or change earlier "
+        "turns (other than closing them with an end-of-turn token) do this. Use a template that renders "
+        "conversations incrementally, or train_on_inputs=True (loss on every token).")
 
 
 def answer_end(text: str, start: int, limit: int, markers: tuple[str, ...]) -> int:
@@ -109,29 +106,154 @@ def answer_end(text: str, start: int, limit: int, markers: tuple[str, ...]) -> i
     return max(start, len(text[:limit].rstrip()))
 
 
-def render_with_spans(renderer: Renderer, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of every assistant answer."""
-    full = render(renderer, messages)
-    spans = []
+def render_many(renderer: Renderer, conversations: list[list[Message]], tools: list[dict] | None,
+                add_generation_prompt: bool) -> list[str]:
+    """Several conversations (of one row, so with the same tools) rendered in one batched template call."""
+    extra = {"chat_template": renderer.chat_template} if renderer.chat_template else {}
+    return renderer.tokenizer.apply_chat_template(conversations, tools=tools, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt, **extra)
+
+
+@dataclass
+class Rendered:
+    """A rendered conversation and its character spans: ``trained`` carry loss, ``excluded`` never do."""
+
+    text: str
+    trained: list[tuple[int, int]]
+    excluded: list[tuple[int, int]]
+
+
+def render_for_loss(renderer: Renderer, messages: list[Message], tools: list[dict] | None, train_on_inputs: bool,
+                    train_on_reasoning: bool) -> Rendered:
+    """The rendered conversation with its trained and excluded spans.
+
+    With ``train_on_inputs`` every character is trained, so the answers' spans are found (prefix renders)
+    only when some part is excluded: a weight-0 answer, or reasoning with ``train_on_reasoning=False``.
+    """
+    excludes = any(m.get("weight") == 0 or (m.get("reasoning_content") and not train_on_reasoning)
+                   for m in messages)
+    if not train_on_inputs or excludes:
+        return render_with_spans(renderer, messages, tools, train_on_reasoning)
+    full = render_many(renderer, [messages], tools, add_generation_prompt=False)[0]
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prefix = render(renderer, messages[:k], add_generation_prompt=True)
+        if message["role"] == "assistant":
+            check_answer(message, full, 0, len(full), full, k)
+    check_inputs_rendered(messages, tools, full)
+    return Rendered(full, [(0, len(full))], [])
+
+
+def render_with_spans(renderer: Renderer, messages: list[Message], tools: list[dict] | None = None,
+                      train_on_reasoning: bool = True) -> Rendered:
+    """Render the conversation once whole and once up to each answer, and find every answer's span.
+
+    An answer starts where ``messages[:k]`` rendered with the generation prompt ends (that render must be a
+    prefix of the whole) and ends after the first end-of-turn marker, searched up to the end of
+    ``messages[:k+1]`` rendered alone. Templates that render an answer differently once later turns
+    follow (Qwen3's drop the reasoning of earlier turns) give a ``messages[:k+1]`` that is not a prefix of
+    the whole; then the answer must end with an end-of-turn marker before the next answer's start.
+    """
+    answers = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+    prefixes = render_many(renderer, [messages[:k] for k in answers], tools, add_generation_prompt=True)
+    # messages end on an answer, so the last of these is the whole conversation.
+    throughs = render_many(renderer, [messages[: k + 1] for k in answers], tools, add_generation_prompt=False)
+    full = throughs[-1]
+    rendered = Rendered(full, [], [])
+    for n, (k, prefix, through) in enumerate(zip(answers, prefixes, throughs)):
         check_prefix(prefix, full, k, " with add_generation_prompt=True")
-        # The last answer closes the conversation: its render is the full one, no need to render it again.
-        through = full if k == len(messages) - 1 else render(renderer, messages[: k + 1])
-        check_prefix(through, full, k + 1, "")
-        spans.append((len(prefix), answer_end(full, len(prefix), len(through), renderer.end_markers)))
-    return full, spans
+        start = len(prefix)
+        if full.startswith(through):
+            end = answer_end(full, start, len(through), renderer.end_markers)
+        else:
+            limit = len(prefixes[n + 1]) if n + 1 < len(prefixes) else len(full)
+            end = marked_answer_end(full, start, limit, renderer.end_markers, through, k)
+        check_answer(messages[k], full, start, end, through, k)
+        add_answer_spans(rendered, messages[k], start, end, train_on_reasoning)
+    check_inputs_rendered(messages, tools, full)
+    return rendered
 
 
-def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """Labels: the token id where the token overlaps an answer span, else -100 (offsets are sorted)."""
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for span_start, span_end in spans:
-        first = bisect_right(offsets, span_start, key=itemgetter(1))  # first token ending after the span starts
-        stop = bisect_left(offsets, span_end, key=itemgetter(0))  # first token starting at or after the span end
-        labels[first:stop] = input_ids[first:stop]
+def marked_answer_end(full: str, start: int, limit: int, markers: tuple[str, ...], through: str, k: int) -> int:
+    """The end of an answer that a later turn re-renders: its end-of-turn marker, which must be there."""
+    found = [pos + len(marker) for marker in markers if (pos := full.find(marker, start, limit)) >= 0]
+    if not found:
+        raise not_a_prefix(through, full, k + 1, "")
+    return min(found)
+
+
+def check_answer(message: Message, full: str, start: int, end: int, through: str, k: int) -> None:
+    """The answer's span must hold its text, tool calls and reasoning: a template that drops them is refused."""
+    answer = full[start:end]
+    content = message["content"].strip()
+    if content and content not in answer:
+        raise DataError(f"messages[{k}] is an answer whose text the chat template does not render as given once the "
+                        "conversation goes on (some templates drop or rewrite earlier answers, e.g. cut what precedes "
+                        "'</think>'), so its loss mask would be wrong. Use a template that renders earlier answers as "
+                        "they are, or split the conversation so that this answer is the last one.")
+    for call in message.get("tool_calls", []):
+        name = call["function"]["name"]
+        if name not in answer:
+            raise DataError(f"messages[{k}] calls '{name}', but the chat template does not render the call in the "
+                            "answer (a template without tool support ignores 'tool_calls'). Use the model's "
+                            "tool-calling chat template (one that renders message.tool_calls).")
+    reasoning = message.get("reasoning_content", "").strip()
+    if reasoning and reasoning not in answer:
+        if reasoning in through[start:]:
+            raise DataError(f"messages[{k}] has reasoning_content that the chat template drops once a later user turn "
+                            "follows (Qwen3-style templates keep only the reasoning after the last user turn). Split "
+                            "the conversation so that each reasoning turn is in the last exchange, or remove "
+                            "reasoning_content from the earlier turns.")
+        raise DataError(f"messages[{k}] has reasoning_content, but the chat template does not render it (it would be "
+                        "silently dropped). Use a template that renders message.reasoning_content (Qwen3, DeepSeek-R1 "
+                        "style), or move the reasoning into content.")
+
+
+def check_inputs_rendered(messages: list[Message], tools: list[dict] | None, full: str) -> None:
+    """Tool schemas and tool results must appear in the text: a template may silently skip them."""
+    for tool in tools or []:
+        name = (tool.get("function") if isinstance(tool.get("function"), dict) else tool)["name"]
+        if name not in full:
+            raise DataError(f"the row's tools include '{name}', but the chat template does not render tools= (a "
+                            "template without tool support ignores them). Use the model's tool-calling chat template.")
+    for k, message in enumerate(messages):
+        content = message["content"].strip()
+        if message["role"] == "tool" and content and content not in full:
+            raise DataError(f"messages[{k}] is a tool result that the chat template does not render (a template "
+                            "without tool support skips the 'tool' role). Use the model's tool-calling chat template.")
+
+
+def add_answer_spans(rendered: Rendered, message: Message, start: int, end: int, train_on_reasoning: bool) -> None:
+    """A weight-0 answer is excluded whole; otherwise it is trained, its reasoning excluded if asked."""
+    if message.get("weight") == 0:
+        rendered.excluded.append((start, end))
+        return
+    rendered.trained.append((start, end))
+    reasoning = message.get("reasoning_content", "").strip()
+    if reasoning and not train_on_reasoning:
+        at = rendered.text.find(reasoning, start, end)
+        rendered.excluded.append((at, at + len(reasoning)))
+
+
+def token_range(offsets: list[tuple[int, int]], span: tuple[int, int]) -> slice:
+    """The tokens whose characters overlap ``span`` (offsets are sorted)."""
+    first = bisect_right(offsets, span[0], key=itemgetter(1))  # first token ending after the span starts
+    stop = bisect_left(offsets, span[1], key=itemgetter(0))  # first token starting at or after the span end
+    return slice(first, max(first, stop))
+
+
+def make_labels(input_ids: list[int], offsets: list[tuple[int, int]], rendered: Rendered,
+                train_on_inputs: bool) -> list[int]:
+    """Labels: the token id on tokens overlapping a trained span (every token with ``train_on_inputs``),
+    -100 elsewhere and on every token overlapping an excluded span."""
+    if train_on_inputs:
+        labels = list(input_ids)
+    else:
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for span in rendered.trained:
+            where = token_range(offsets, span)
+            labels[where] = input_ids[where]
+    for span in rendered.excluded:
+        where = token_range(offsets, span)
+        labels[where] = [IGNORE_INDEX] * (where.stop - where.start)
     return labels
 
 

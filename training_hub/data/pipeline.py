@@ -13,7 +13,7 @@ from typing import Any
 
 from .cache import cache_key, load_cached, resolve_cache_dir, save_cached
 from .loading import MAX_LISTED_PROBLEMS, problem_report
-from .masking import IGNORE_INDEX, Renderer, labels_from_spans, make_renderer, render_with_spans
+from .masking import IGNORE_INDEX, Rendered, Renderer, make_labels, make_renderer, render_for_loss
 from .schema import TRUNCATION_MODES, DataError, DataSummary, Example, LoadedData, TokenizedData
 
 CHUNK_ROWS = 1000  # rows per tokenizer call
@@ -49,6 +49,7 @@ class Settings:
     max_seq_len: int
     train_on_inputs: bool
     truncation: str
+    train_on_reasoning: bool = True
 
 
 def tokenize_examples(
@@ -60,6 +61,7 @@ def tokenize_examples(
     truncation: str = "truncate",
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
+    train_on_reasoning: bool = True,
 ) -> TokenizedData:
     """Token ids and labels (-100 where no loss) for every example, masked for assistant-only loss.
 
@@ -67,12 +69,15 @@ def tokenize_examples(
         loaded: the result of ``load_examples``.
         tokenizer: a fast (offset-reporting) Hugging Face tokenizer.
         max_seq_len: longest row, in tokens.
-        train_on_inputs: loss on every token instead of only the assistant answers.
+        train_on_inputs: loss on every token instead of only the assistant answers (weight-0 answers and,
+            without ``train_on_reasoning``, reasoning still carry none).
         truncation: "truncate" (keep the start), "drop" the row, or "error".
         cache_dir: cache folder (default ``$TRAINING_HUB_CACHE`` or ``~/.cache/training_hub/data``);
             ``"none"`` disables the cache.
         num_proc: worker processes; None picks half the cores (at most 8) for large data (>= 20k rows) on
             machines with 8+ cores, else 1.
+        train_on_reasoning: loss on the ``reasoning_content`` the template renders in an answer (default);
+            False leaves the reasoning text itself without loss.
 
     Raises:
         DataError: a template that cannot be masked, rows too long under "error", or more than half of the
@@ -83,11 +88,12 @@ def tokenize_examples(
     folder = resolve_cache_dir(cache_dir)
     if folder is not None:
         folder = folder / cache_key(loaded.fingerprint, tokenizer, renderer.chat_template or tokenizer.chat_template,
-                                    max_seq_len=max_seq_len, train_on_inputs=train_on_inputs, truncation=truncation)
+                                    max_seq_len=max_seq_len, train_on_inputs=train_on_inputs, truncation=truncation,
+                                    train_on_reasoning=train_on_reasoning)
         cached = load_cached(folder)
         if cached is not None:
             return cached
-    settings = Settings(renderer, max_seq_len, train_on_inputs, truncation)
+    settings = Settings(renderer, max_seq_len, train_on_inputs, truncation, train_on_reasoning)
     table, tally = process_all(loaded.examples, settings, num_proc)
     check_tally(tally, max_seq_len)
     summary = summarize(loaded.format, tally, format_note(loaded.format, renderer), max_seq_len, truncation)
@@ -162,7 +168,7 @@ def process_slice(examples: list[Example], settings: Settings) -> tuple[Any, Tal
     tables, tally = [], Tally()
     for i in range(0, len(examples), CHUNK_ROWS):
         chunk = examples[i: i + CHUNK_ROWS]
-        rows = encode_chunk(chunk, settings.renderer, settings.train_on_inputs)
+        rows = encode_chunk(chunk, settings)
         kept = apply_limits(chunk, rows, settings.max_seq_len, settings.truncation, tally)
         tables.append(rows_table(kept))
     return (pa.concat_tables(tables) if tables else rows_table([])), tally
@@ -178,38 +184,50 @@ def rows_table(rows: list[Row]) -> Any:
     })
 
 
-def encode_chunk(examples: list[Example], renderer: Renderer, train_on_inputs: bool) -> list[Row]:
+def encode_chunk(examples: list[Example], settings: Settings) -> list[Row]:
     """Render the chunk's texts, tokenize them in one batch call, and label them."""
+    renderer = settings.renderer
     rows: list[Row | None] = [None] * len(examples)
-    texts, spans, slots = [], [], []
+    texts, rendered, slots = [], [], []
     vocab_size = len(renderer.tokenizer)
     for i, example in enumerate(examples):
         if example.input_ids is not None:
             rows[i] = passthrough_row(example, vocab_size)
             continue
-        text, answer_spans = example_text(example, renderer)
-        texts.append(text)
-        spans.append(answer_spans)
+        rendered.append(example_text(example, settings))
+        texts.append(rendered[-1].text)
         slots.append(i)
-    if texts:
-        encoded = renderer.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for j, i in enumerate(slots):
-            ids, offsets = encoded["input_ids"][j], encoded["offset_mapping"][j]
-            if renderer.bos_token_id is not None and not texts[j].startswith(renderer.bos_token):
-                ids, offsets = [renderer.bos_token_id, *ids], [(0, 0), *offsets]
-            rows[i] = (ids, list(ids) if train_on_inputs else labels_from_spans(ids, offsets, spans[j]))
+    for j, (ids, offsets) in enumerate(encode_texts(renderer.tokenizer, texts) if texts else []):
+        if renderer.bos_token_id is not None and not texts[j].startswith(renderer.bos_token):
+            ids, offsets = [renderer.bos_token_id, *ids], [(0, 0), *offsets]
+        rows[slots[j]] = (ids, make_labels(ids, offsets, rendered[j], settings.train_on_inputs))
     return rows  # type: ignore[return-value]
 
 
-def example_text(example: Example, renderer: Renderer) -> tuple[str, list[tuple[int, int]]]:
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, in one batched call of the Rust tokenizer.
+
+    The backend is called directly (transformers' wrapper costs a third more here) unless the tokenizer
+    file configures truncation or padding, which transformers switches off for the call and we must not apply.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [(encoding.ids, encoding.offsets) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+
+
+def example_text(example: Example, settings: Settings) -> Rendered:
     """The text to tokenize and its loss spans (every character for ``text`` rows)."""
+    renderer = settings.renderer
     if example.text is not None:
         text = example.text + (renderer.eos_token or "")
-        return text, [(0, len(text))]
+        return Rendered(text, [(0, len(text))], [])
     from jinja2 import TemplateError
 
     try:
-        return render_with_spans(renderer, example.messages or [])
+        return render_for_loss(renderer, example.messages or [], example.tools, settings.train_on_inputs,
+                               settings.train_on_reasoning)
     except DataError as error:
         raise DataError(f"{example.origin}: {error}") from None
     except TemplateError as error:
