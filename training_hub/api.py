@@ -63,6 +63,7 @@ def lora_sft(
     field_input: str = "input",
     field_output: str = "output",
     train_on_inputs: bool = False,
+    train_on_reasoning: bool = True,
     truncation: cfg.Truncation = "truncate",
     max_seq_len: int = 2048,
     sample_packing: bool | None = None,
@@ -145,8 +146,9 @@ def lora_sft(
             gradient_accumulation_steps (int | None): give any two (or one); the rest is derived
             (x world size). Nothing given: micro 2, accumulation 1.
         max_seq_len (int, 2048), truncation ("truncate" | "drop" | "error"), train_on_inputs (False: loss on
-            assistant tokens only), sample_packing (None: on with a GPU, off on the CPU),
-            dataloader_num_workers (int, 0: batches are collated in the training process).
+            assistant tokens only), train_on_reasoning (True: loss on the answers' reasoning_content too),
+            sample_packing (None: on with a GPU, off on the CPU), dataloader_num_workers (int, 0: batches are
+            collated in the training process).
         load_in_4bit / load_in_8bit (False), bnb_4bit_*: QLoRA. bf16 / fp16 / tf32 (None: bf16 on GPUs that
             have it, fp32 on the CPU). gradient_checkpointing ("auto" | True | False | "offload").
         save_steps (500), save_total_limit (3), logging_steps (1), callbacks (TrainerCallbacks).
@@ -245,7 +247,7 @@ def _plan_and_tokenize(config: LoraSFTConfig, loaded, eval_loaded, backend: str)
     tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
     tokenize = functools.partial(data.tokenize_examples, tokenizer=tokenizer, max_seq_len=config.max_seq_len,
                                  train_on_inputs=config.train_on_inputs, truncation=config.truncation,
-                                 cache_dir=config.data_output_dir)
+                                 cache_dir=config.data_output_dir, train_on_reasoning=config.train_on_reasoning)
     tokenized = tokenize(loaded)
     log(f"data summary:\n{tokenized.summary}")
     eval_tokenized = tokenize(eval_loaded) if eval_loaded is not None else None
@@ -443,6 +445,7 @@ def prepare_dataset(
     max_seq_len: int = 2048,
     dataset_type: cfg.DatasetType = "auto",
     train_on_inputs: bool = False,
+    train_on_reasoning: bool = True,
     truncation: cfg.Truncation = "truncate",
     field_messages: str = "messages",
     field_instruction: str = "instruction",
@@ -453,9 +456,10 @@ def prepare_dataset(
 ):
     """Validate, normalize and tokenize a dataset exactly as `lora_sft` would, without loading a model.
 
-    Give `model_path` (its tokenizer is loaded) or a `tokenizer`. Returns a `TokenizedData` whose
-    `.dataset` has one row per example (`input_ids`, `labels` with -100 where no loss is taken) and whose
-    `.summary` counts rows, tokens and truncation; `training_hub.data.format_example(ids, labels, tokenizer)`
+    Give `model_path` (its tokenizer is loaded) or a `tokenizer`. Returns a `TokenizedData` that behaves as the
+    tokenized dataset (`len(data)`, `data[0]`, `data["input_ids"]`, iteration; `.dataset` is the
+    `datasets.Dataset` itself): one row per example, `input_ids` and `labels` (-100 where no loss is taken).
+    Its `.summary` counts rows, tokens and truncation; `training_hub.data.format_example(ids, labels, tokenizer)`
     prints an example with the trained spans marked.
     """
     from . import data
@@ -467,7 +471,8 @@ def prepare_dataset(
     if tokenizer is None:
         tokenizer = load_tokenizer(model_path, trust_remote_code)
     return data.tokenize_examples(loaded, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
-                                  truncation=truncation, cache_dir=data_output_dir)
+                                  truncation=truncation, cache_dir=data_output_dir,
+                                  train_on_reasoning=train_on_reasoning)
 
 
 def load(ckpt_output_dir: str | Path, device: str | None = None):

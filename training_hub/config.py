@@ -76,6 +76,7 @@ class LoraSFTConfig:
     field_input: str = "input"
     field_output: str = "output"
     train_on_inputs: bool = False
+    train_on_reasoning: bool = True
     truncation: Truncation = "truncate"
     max_seq_len: int = 2048
     sample_packing: bool | None = None
