@@ -1,19 +1,21 @@
 """Loss masking: render a conversation with the chat template, find each answer's characters, map to tokens.
 
-The rule (DECISIONS 14): every assistant answer carries loss, from the end of the rendered prefix with the
-generation prompt to the end of its first end-of-turn/EOS token (not the newline after it). Character
-spans are mapped to tokens through the fast tokenizer's offsets, so any template works without
-``{% generation %}`` markers, as long as rendering is incremental (each prefix renders as a prefix).
+The rule: every assistant answer carries loss (unless its weight is 0), from the end of the rendered prefix
+with the generation prompt to the end of its first end-of-turn/EOS token (not the newline after it); tool
+calls and reasoning the template writes in the answer are part of it. Character spans are mapped to tokens
+by their positions in the text (``encoding``), so any template works without ``{% generation %}`` markers,
+as long as each prefix with the generation prompt renders as a prefix of the whole conversation.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .schema import DataError, Message
+
+if TYPE_CHECKING:
+    from .encoding import Tokens
 
 # End-of-turn strings of common templates; only those the tokenizer knows as tokens are searched for.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
@@ -233,27 +235,19 @@ def add_answer_spans(rendered: Rendered, message: Message, start: int, end: int,
         rendered.excluded.append((at, at + len(reasoning)))
 
 
-def token_range(offsets: list[tuple[int, int]], span: tuple[int, int]) -> slice:
-    """The tokens whose characters overlap ``span`` (offsets are sorted)."""
-    first = bisect_right(offsets, span[0], key=itemgetter(1))  # first token ending after the span starts
-    stop = bisect_left(offsets, span[1], key=itemgetter(0))  # first token starting at or after the span end
-    return slice(first, max(first, stop))
+def make_labels(tokens: "Tokens", rendered: Rendered, train_on_inputs: bool) -> Any:
+    """Labels (an int64 array): the token id on tokens overlapping a trained span (every token with
+    ``train_on_inputs``), -100 elsewhere and on every token overlapping an excluded span."""
+    import numpy as np
 
-
-def make_labels(input_ids: list[int], offsets: list[tuple[int, int]], rendered: Rendered,
-                train_on_inputs: bool) -> list[int]:
-    """Labels: the token id on tokens overlapping a trained span (every token with ``train_on_inputs``),
-    -100 elsewhere and on every token overlapping an excluded span."""
-    if train_on_inputs:
-        labels = list(input_ids)
-    else:
-        labels = [IGNORE_INDEX] * len(input_ids)
+    ids = tokens.ids
+    labels = ids.copy() if train_on_inputs else np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    if not train_on_inputs:
         for span in rendered.trained:
-            where = token_range(offsets, span)
-            labels[where] = input_ids[where]
+            where = tokens.token_range(rendered.text, span)
+            labels[where] = ids[where]
     for span in rendered.excluded:
-        where = token_range(offsets, span)
-        labels[where] = [IGNORE_INDEX] * (where.stop - where.start)
+        labels[tokens.token_range(rendered.text, span)] = IGNORE_INDEX
     return labels
 
 

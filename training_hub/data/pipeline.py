@@ -19,7 +19,7 @@ from .schema import TRUNCATION_MODES, DataError, DataSummary, Example, LoadedDat
 CHUNK_ROWS = 1000  # rows per tokenizer call
 PARALLEL_MIN_ROWS = 20_000  # below this, num_proc=None means one process
 
-Row = tuple[list[int], list[int]]
+Row = tuple[Any, Any]  # input_ids and labels, int64 numpy arrays
 
 
 @dataclass
@@ -165,56 +165,48 @@ def process_slice(examples: list[Example], settings: Settings) -> tuple[Any, Tal
     """Encode, limit and convert to Arrow chunk by chunk, so few Python objects live at once."""
     import pyarrow as pa
 
+    from .encoding import Encoder
+
+    encoder = Encoder(settings.renderer.tokenizer)
     tables, tally = [], Tally()
     for i in range(0, len(examples), CHUNK_ROWS):
         chunk = examples[i: i + CHUNK_ROWS]
-        rows = encode_chunk(chunk, settings)
+        rows = encode_chunk(chunk, settings, encoder)
         kept = apply_limits(chunk, rows, settings.max_seq_len, settings.truncation, tally)
         tables.append(rows_table(kept))
     return (pa.concat_tables(tables) if tables else rows_table([])), tally
 
 
 def rows_table(rows: list[Row]) -> Any:
-    """An Arrow table with the columns and types ``datasets`` uses for token data."""
+    """An Arrow table with the columns and types ``datasets`` uses for token data, built from flat arrays."""
+    import numpy as np
     import pyarrow as pa
 
-    return pa.table({
-        "input_ids": pa.array([ids for ids, _ in rows], type=pa.list_(pa.int32())),
-        "labels": pa.array([labels for _, labels in rows], type=pa.list_(pa.int64())),
-    })
+    offsets = pa.array(np.cumsum([0] + [len(ids) for ids, _ in rows]), type=pa.int32())
+    columns = {}
+    for name, index, dtype in (("input_ids", 0, np.int32), ("labels", 1, np.int64)):
+        values = np.concatenate([row[index] for row in rows]).astype(dtype) if rows else np.zeros(0, dtype)
+        columns[name] = pa.ListArray.from_arrays(offsets, pa.array(values))
+    return pa.table(columns)
 
 
-def encode_chunk(examples: list[Example], settings: Settings) -> list[Row]:
+def encode_chunk(examples: list[Example], settings: Settings, encoder: Any) -> list[Row]:
     """Render the chunk's texts, tokenize them in one batch call, and label them."""
     renderer = settings.renderer
     rows: list[Row | None] = [None] * len(examples)
-    texts, rendered, slots = [], [], []
+    rendered, slots = [], []
     vocab_size = len(renderer.tokenizer)
     for i, example in enumerate(examples):
         if example.input_ids is not None:
             rows[i] = passthrough_row(example, vocab_size)
             continue
         rendered.append(example_text(example, settings))
-        texts.append(rendered[-1].text)
         slots.append(i)
-    for j, (ids, offsets) in enumerate(encode_texts(renderer.tokenizer, texts) if texts else []):
-        if renderer.bos_token_id is not None and not texts[j].startswith(renderer.bos_token):
-            ids, offsets = [renderer.bos_token_id, *ids], [(0, 0), *offsets]
-        rows[slots[j]] = (ids, make_labels(ids, offsets, rendered[j], settings.train_on_inputs))
+    for slot, text, tokens in zip(slots, rendered, encoder.encode([r.text for r in rendered]) if rendered else []):
+        if renderer.bos_token_id is not None and not text.text.startswith(renderer.bos_token):
+            tokens = tokens.with_bos(renderer.bos_token_id)
+        rows[slot] = (tokens.ids, make_labels(tokens, text, settings.train_on_inputs))
     return rows  # type: ignore[return-value]
-
-
-def encode_texts(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Token ids and character offsets of each text, in one batched call of the Rust tokenizer.
-
-    The backend is called directly (transformers' wrapper costs a third more here) unless the tokenizer
-    file configures truncation or padding, which transformers switches off for the call and we must not apply.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        return [(encoding.ids, encoding.offsets) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
 
 
 def example_text(example: Example, settings: Settings) -> Rendered:
@@ -237,10 +229,12 @@ def example_text(example: Example, settings: Settings) -> Rendered:
 def passthrough_row(example: Example, vocab_size: int) -> Row:
     """Pre-tokenized ids and labels, checked against the vocabulary (an id out of range would fail only inside
     the model, on a GPU as a device-side assert)."""
-    ids = example.input_ids or []
-    labels = list(example.labels) if example.labels is not None else list(ids)
-    for column, values in (("input_ids", ids), ("labels", [t for t in labels if t != IGNORE_INDEX])):
-        largest = max(values, default=0)
+    import numpy as np
+
+    ids = np.asarray(example.input_ids or [], dtype=np.int64)
+    labels = np.asarray(example.labels, dtype=np.int64) if example.labels is not None else ids.copy()
+    for column, values in (("input_ids", ids), ("labels", labels[labels != IGNORE_INDEX])):
+        largest = int(values.max(initial=0))
         if largest >= vocab_size:
             raise DataError(f"{example.origin}: {column} holds token id {largest}, but the tokenizer has only "
                             f"{vocab_size} tokens (ids 0..{vocab_size - 1}); was the data tokenized with another "
@@ -263,7 +257,7 @@ def apply_limits(examples: list[Example], rows: list[Row], max_seq_len: int, tru
                 continue
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             tally.truncated += 1
-        supervised = len(labels) - labels.count(IGNORE_INDEX)
+        supervised = int((labels != IGNORE_INDEX).sum())
         if supervised == 0:
             tally.dropped_no_supervised += 1
             tally.empty.append(example.origin)
