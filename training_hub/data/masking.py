@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .rendering import BatchRenderer, RenderJob
 from .schema import DataError, Message
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class Renderer:
     bos_token_id: int | None
     eos_token: str | None
     note: str
+    batch: BatchRenderer
 
 
 def make_renderer(tokenizer: Any, *, needs_template: bool = True) -> Renderer:
@@ -72,7 +74,7 @@ def make_renderer(tokenizer: Any, *, needs_template: bool = True) -> Renderer:
     markers = ((eos,) if eos else ()) + markers
     bos_id = bos_added_by_tokenizer(tokenizer)
     return Renderer(tokenizer, template, markers, tokenizer.bos_token if bos_id is not None else None, bos_id,
-                    eos, note)
+                    eos, note, BatchRenderer(tokenizer, template))
 
 
 def bos_added_by_tokenizer(tokenizer: Any) -> int | None:
@@ -108,14 +110,6 @@ def answer_end(text: str, start: int, limit: int, markers: tuple[str, ...]) -> i
     return max(start, len(text[:limit].rstrip()))
 
 
-def render_many(renderer: Renderer, conversations: list[list[Message]], tools: list[dict] | None,
-                add_generation_prompt: bool) -> list[str]:
-    """Several conversations (of one row, so with the same tools) rendered in one batched template call."""
-    extra = {"chat_template": renderer.chat_template} if renderer.chat_template else {}
-    return renderer.tokenizer.apply_chat_template(conversations, tools=tools, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt, **extra)
-
-
 @dataclass
 class Rendered:
     """A rendered conversation and its character spans: ``trained`` carry loss, ``excluded`` never do."""
@@ -125,28 +119,34 @@ class Rendered:
     excluded: list[tuple[int, int]]
 
 
+def needs_spans(messages: list[Message], train_on_inputs: bool, train_on_reasoning: bool) -> bool:
+    """Whether the answers' spans must be found: always, unless ``train_on_inputs`` trains every character and
+    nothing is excluded (a weight-0 answer, or reasoning with ``train_on_reasoning=False``)."""
+    if not train_on_inputs:
+        return True
+    return any(m.get("weight") == 0 or (m.get("reasoning_content") and not train_on_reasoning) for m in messages)
+
+
+def render_jobs(messages: list[Message], tools: list[dict] | None, spans: bool) -> list[RenderJob]:
+    """The renders a conversation needs: with ``spans``, ``messages[:k]`` with the generation prompt for each
+    answer k, then ``messages[:k+1]`` without (the last is the whole conversation); else the whole only."""
+    if not spans:
+        return [(messages, tools, False)]
+    answers = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+    return [(messages[:k], tools, True) for k in answers] + [(messages[: k + 1], tools, False) for k in answers]
+
+
 def render_for_loss(renderer: Renderer, messages: list[Message], tools: list[dict] | None, train_on_inputs: bool,
                     train_on_reasoning: bool) -> Rendered:
-    """The rendered conversation with its trained and excluded spans.
-
-    With ``train_on_inputs`` every character is trained, so the answers' spans are found (prefix renders)
-    only when some part is excluded: a weight-0 answer, or reasoning with ``train_on_reasoning=False``.
-    """
-    excludes = any(m.get("weight") == 0 or (m.get("reasoning_content") and not train_on_reasoning)
-                   for m in messages)
-    if not train_on_inputs or excludes:
-        return render_with_spans(renderer, messages, tools, train_on_reasoning)
-    full = render_many(renderer, [messages], tools, add_generation_prompt=False)[0]
-    for k, message in enumerate(messages):
-        if message["role"] == "assistant":
-            check_answer(message, full, 0, len(full), full, k)
-    check_inputs_rendered(messages, tools, full)
-    return Rendered(full, [(0, len(full))], [])
+    """One conversation rendered, with its trained and excluded spans (pipelines batch the renders instead)."""
+    spans = needs_spans(messages, train_on_inputs, train_on_reasoning)
+    texts = renderer.batch.render(render_jobs(messages, tools, spans))
+    return rendered_from(renderer, messages, tools, texts, spans, train_on_reasoning)
 
 
-def render_with_spans(renderer: Renderer, messages: list[Message], tools: list[dict] | None = None,
-                      train_on_reasoning: bool = True) -> Rendered:
-    """Render the conversation once whole and once up to each answer, and find every answer's span.
+def rendered_from(renderer: Renderer, messages: list[Message], tools: list[dict] | None, texts: list[str],
+                  spans: bool, train_on_reasoning: bool) -> Rendered:
+    """The conversation's text and spans from the renders ``render_jobs`` asked for.
 
     An answer starts where ``messages[:k]`` rendered with the generation prompt ends (that render must be a
     prefix of the whole) and ends after the first end-of-turn marker, searched up to the end of
@@ -154,11 +154,14 @@ def render_with_spans(renderer: Renderer, messages: list[Message], tools: list[d
     follow (Qwen3's drop the reasoning of earlier turns) give a ``messages[:k+1]`` that is not a prefix of
     the whole; then the answer must end with an end-of-turn marker before the next answer's start.
     """
+    full = texts[-1]
     answers = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
-    prefixes = render_many(renderer, [messages[:k] for k in answers], tools, add_generation_prompt=True)
-    # messages end on an answer, so the last of these is the whole conversation.
-    throughs = render_many(renderer, [messages[: k + 1] for k in answers], tools, add_generation_prompt=False)
-    full = throughs[-1]
+    if not spans:
+        for k in answers:
+            check_answer(messages[k], full, 0, len(full), full, k)
+        check_inputs_rendered(messages, tools, full)
+        return Rendered(full, [(0, len(full))], [])
+    prefixes, throughs = texts[: len(answers)], texts[len(answers):]
     rendered = Rendered(full, [], [])
     for n, (k, prefix, through) in enumerate(zip(answers, prefixes, throughs)):
         check_prefix(prefix, full, k, " with add_generation_prompt=True")

@@ -13,7 +13,8 @@ from typing import Any
 
 from .cache import cache_key, load_cached, resolve_cache_dir, save_cached
 from .loading import MAX_LISTED_PROBLEMS, problem_report
-from .masking import IGNORE_INDEX, Rendered, Renderer, make_labels, make_renderer, render_for_loss
+from .masking import (IGNORE_INDEX, Rendered, Renderer, make_labels, make_renderer, needs_spans, render_for_loss,
+                      render_jobs, rendered_from)
 from .schema import TRUNCATION_MODES, DataError, DataSummary, Example, LoadedData, TokenizedData
 
 CHUNK_ROWS = 1000  # rows per tokenizer call
@@ -162,19 +163,82 @@ def default_workers(rows: int) -> int:
 
 
 def process_slice(examples: list[Example], settings: Settings) -> tuple[Any, Tally]:
-    """Encode, limit and convert to Arrow chunk by chunk, so few Python objects live at once."""
+    """Render, encode, limit and convert to Arrow chunk by chunk, so few Python objects live at once.
+
+    The Rust tokenizer releases the GIL: while it encodes one chunk (on every core), this thread renders the
+    next chunk and labels the one before, so no core waits for Python.
+    """
     import pyarrow as pa
+    from concurrent.futures import ThreadPoolExecutor
 
     from .encoding import Encoder
 
     encoder = Encoder(settings.renderer.tokenizer)
-    tables, tally = [], Tally()
-    for i in range(0, len(examples), CHUNK_ROWS):
-        chunk = examples[i: i + CHUNK_ROWS]
-        rows = encode_chunk(chunk, settings, encoder)
-        kept = apply_limits(chunk, rows, settings.max_seq_len, settings.truncation, tally)
-        tables.append(rows_table(kept))
+    tables, tally, pending = [], Tally(), None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for i in range(0, len(examples), CHUNK_ROWS):
+            chunk = render_chunk(examples[i: i + CHUNK_ROWS], settings)
+            future = pool.submit(encoder.encode, [text.text for text in chunk.rendered])
+            if pending is not None:
+                tables.append(finish_chunk(*pending, settings, tally))
+            pending = (chunk, future)
+        if pending is not None:
+            tables.append(finish_chunk(*pending, settings, tally))
     return (pa.concat_tables(tables) if tables else rows_table([])), tally
+
+
+@dataclass
+class Chunk:
+    """Examples on their way to token rows: passthrough rows already made, the others rendered."""
+
+    examples: list[Example]
+    rows: list[Row | None]
+    rendered: list[Rendered]
+    slots: list[int]  # where each rendered example goes in ``rows``
+
+
+def render_chunk(examples: list[Example], settings: Settings) -> Chunk:
+    """Passthrough rows as they are; text rows with EOS; every render the chat rows need in one batched call."""
+    from jinja2 import TemplateError
+
+    chunk, jobs, chats = Chunk(examples, [None] * len(examples), [], []), [], []
+    vocab_size = len(settings.renderer.tokenizer)
+    for i, example in enumerate(examples):
+        if example.input_ids is not None:
+            chunk.rows[i] = passthrough_row(example, vocab_size)
+        elif example.messages is None:
+            chunk.rendered.append(example_text(example, settings))
+            chunk.slots.append(i)
+        else:
+            spans = needs_spans(example.messages, settings.train_on_inputs, settings.train_on_reasoning)
+            new = render_jobs(example.messages, example.tools, spans)
+            chats.append((i, spans, slice(len(jobs), len(jobs) + len(new))))
+            jobs += new
+    try:
+        texts = settings.renderer.batch.render(jobs)
+    except TemplateError:
+        texts = None  # a template raised on some row: render row by row below, to name it
+    for i, spans, where in chats:
+        example = examples[i]
+        if texts is None:
+            chunk.rendered.append(example_text(example, settings))
+        else:
+            chunk.rendered.append(naming_the_row(example, rendered_from, settings.renderer, example.messages,
+                                                 example.tools, texts[where], spans, settings.train_on_reasoning))
+        chunk.slots.append(i)
+    return chunk
+
+
+def finish_chunk(chunk: Chunk, encoded: Any, settings: Settings, tally: Tally) -> Any:
+    """Label the encoded texts (BOS added once where the tokenizer wants it), apply the length limits, and
+    return the chunk's Arrow table."""
+    renderer = settings.renderer
+    for slot, text, tokens in zip(chunk.slots, chunk.rendered, encoded.result()):
+        if renderer.bos_token_id is not None and not text.text.startswith(renderer.bos_token):
+            tokens = tokens.with_bos(renderer.bos_token_id)
+        chunk.rows[slot] = (tokens.ids, make_labels(tokens, text, settings.train_on_inputs))
+    kept = apply_limits(chunk.examples, chunk.rows, settings.max_seq_len, settings.truncation, tally)
+    return rows_table(kept)
 
 
 def rows_table(rows: list[Row]) -> Any:
@@ -190,36 +254,22 @@ def rows_table(rows: list[Row]) -> Any:
     return pa.table(columns)
 
 
-def encode_chunk(examples: list[Example], settings: Settings, encoder: Any) -> list[Row]:
-    """Render the chunk's texts, tokenize them in one batch call, and label them."""
-    renderer = settings.renderer
-    rows: list[Row | None] = [None] * len(examples)
-    rendered, slots = [], []
-    vocab_size = len(renderer.tokenizer)
-    for i, example in enumerate(examples):
-        if example.input_ids is not None:
-            rows[i] = passthrough_row(example, vocab_size)
-            continue
-        rendered.append(example_text(example, settings))
-        slots.append(i)
-    for slot, text, tokens in zip(slots, rendered, encoder.encode([r.text for r in rendered]) if rendered else []):
-        if renderer.bos_token_id is not None and not text.text.startswith(renderer.bos_token):
-            tokens = tokens.with_bos(renderer.bos_token_id)
-        rows[slot] = (tokens.ids, make_labels(tokens, text, settings.train_on_inputs))
-    return rows  # type: ignore[return-value]
-
-
 def example_text(example: Example, settings: Settings) -> Rendered:
-    """The text to tokenize and its loss spans (every character for ``text`` rows)."""
+    """The text to tokenize and its loss spans (every character for ``text`` rows), rendered on its own."""
     renderer = settings.renderer
     if example.text is not None:
         text = example.text + (renderer.eos_token or "")
         return Rendered(text, [(0, len(text))], [])
+    return naming_the_row(example, render_for_loss, renderer, example.messages or [], example.tools,
+                          settings.train_on_inputs, settings.train_on_reasoning)
+
+
+def naming_the_row(example: Example, make: Any, *args: Any) -> Rendered:
+    """``make(*args)``, with a DataError or a template's own error prefixed by the example's origin."""
     from jinja2 import TemplateError
 
     try:
-        return render_for_loss(renderer, example.messages or [], example.tools, settings.train_on_inputs,
-                               settings.train_on_reasoning)
+        return make(*args)
     except DataError as error:
         raise DataError(f"{example.origin}: {error}") from None
     except TemplateError as error:
