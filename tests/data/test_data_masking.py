@@ -1,4 +1,4 @@
-"""Exact supervised token ids for several chat templates (assistant-only loss, DECISIONS 14)."""
+"""Exact supervised token ids for several chat templates (assistant-only loss)."""
 
 from __future__ import annotations
 

@@ -96,6 +96,8 @@ def bad_call(**function):
                                                    "(it would be ignored); rename it to 'reasoning_content'"),
         (chat(USER, dict(ANSWER, training=False)), "messages[1] has a field 'training' that training_hub does not read"),
         (chat(USER, {"role": "assistant", "content": None}), "messages[1]: missing field 'content'"),
+        (chat(USER, CALLING, {"role": "tool", "tool_call_id": "c1"}, ANSWER), "messages[2]: missing field 'content'"),
+        (chat(USER, {"role": "assistant", "content": None, "tool_calls": []}), "messages[1]: missing field 'content'"),
         (chat(USER, CALLING, RESULT), "'messages' ends on a tool turn (messages[2]); it must end with an assistant"),
         (chat(dict(USER, reasoning_content="x"), ANSWER), "messages[0].reasoning_content is on a user turn"),
         (chat(USER, {"role": "assistant", "content": "", "tool_calls": [call("f", {}) | {"type": "code"}]}),

@@ -1,4 +1,4 @@
-"""The tokenized-data cache (DECISIONS 15): one folder per key, written to a temporary name then renamed.
+"""The tokenized-data cache: one folder per key, written to a temporary name then renamed.
 
 Location: ``cache_dir``, else ``$TRAINING_HUB_CACHE``, else ``~/.cache/training_hub/data``. The value
 ``"none"`` (either way) disables the cache.

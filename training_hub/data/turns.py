@@ -76,9 +76,11 @@ def parse_turn(turn: Any, where: str) -> Message:
     if calls is not None:
         if role != "assistant":
             raise RowProblem(f"{where}.tool_calls is on a {role} turn; only assistant turns make tool calls")
-        message["tool_calls"] = parse_tool_calls(calls, f"{where}.tool_calls")
+        parsed = parse_tool_calls(calls, f"{where}.tool_calls")
+        if parsed:
+            message["tool_calls"] = parsed
     content = turn.get(content_key)
-    if content is None and not (role == "tool" or message.get("tool_calls")):
+    if content is None and not message.get("tool_calls"):
         raise missing_field(turn, content_key, where)
     if content is not None:
         allow_empty = role == "tool" or bool(message.get("tool_calls"))
