@@ -48,6 +48,7 @@ def lora_sft(
     field_input: str = "input",
     field_output: str = "output",
     train_on_inputs: bool = False,
+    train_on_reasoning: bool = True,
     truncation: cfg.Truncation = "truncate",
     max_seq_len: int = 2048,
     sample_packing: bool | None = None,
@@ -142,6 +143,8 @@ def lora_sft(
         field_output (str, 'output'): alpaca output column.
         train_on_inputs (bool, False): loss on every token; False: on assistant answers (and their end-of-turn
             token) only.
+        train_on_reasoning (bool, True): train on assistant reasoning (reasoning_content) as part of the answer;
+            False: render it as context only.
         truncation ('truncate' | 'drop' | 'error', 'truncate'): rows longer than max_seq_len: 'truncate' (keep the
             start), 'drop', or 'error' naming the row.
         max_seq_len (int, 2048): tokens per sequence and per packed bin (>= 2).
@@ -258,6 +261,7 @@ def prepare_dataset(
     max_seq_len: int = 2048,
     dataset_type: cfg.DatasetType = "auto",
     train_on_inputs: bool = False,
+    train_on_reasoning: bool = True,
     truncation: cfg.Truncation = "truncate",
     field_messages: str = "messages",
     field_instruction: str = "instruction",
@@ -284,7 +288,8 @@ def prepare_dataset(
     settings = data.DataSettings(dataset_type=dataset_type, field_messages=field_messages,
                                  field_instruction=field_instruction, field_input=field_input,
                                  field_output=field_output, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
-                                 truncation=truncation, data_output_dir=data_output_dir)
+                                 train_on_reasoning=train_on_reasoning, truncation=truncation,
+                                 data_output_dir=data_output_dir)
     loaded = data.load_examples(data_path, **settings.loading())
     if tokenizer is None:
         tokenizer = data.load_tokenizer(model_path, trust_remote_code)

@@ -100,6 +100,8 @@ class LoraSFTConfig:
     field_output: str = param("output", "alpaca output column")
     train_on_inputs: bool = param(False, "loss on every token; False: on assistant answers (and their end-of-turn "
                                          "token) only")
+    train_on_reasoning: bool = param(True, "train on assistant reasoning (reasoning_content) as part of the answer; "
+                                           "False: render it as context only")
     truncation: Truncation = param("truncate", "rows longer than max_seq_len: 'truncate' (keep the start), 'drop', "
                                                "or 'error' naming the row")
     max_seq_len: int = param(2048, "tokens per sequence and per packed bin (>= 2)")
@@ -198,6 +200,11 @@ class LoraSFTConfig:
         problems = type_problems(self) or value_problems(self)
         if problems:
             raise ConfigError(problems)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every parameter that has a default, with it."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not REQUIRED}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (callbacks and in-memory datasets are described, not serialised)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import checkpoints
 from .checkpoints import checkpoint_step, is_complete, list_checkpoints, read_marker
-from .config import ConfigError
+from .config import ConfigError, LoraSFTConfig
 from .distributed import RENDEZVOUS_ADDRESS_FIELDS
 from .hardware import is_main_process
 from .outputs import COMPLETE_MARKER, FINAL_MARKER, METRICS_FILE, TRAINER_STATE
@@ -64,7 +64,8 @@ class Resume:
         """Settings that differ from the checkpoint's run (only length, saving and logging may change)."""
         if self.checkpoint is None:
             return []
-        saved = read_marker(self.checkpoint)["config"]
+        # A parameter added since the checkpoint was written had its default then.
+        saved = {**json.loads(json.dumps(LoraSFTConfig.defaults(), default=str)), **read_marker(self.checkpoint)["config"]}
         now = json.loads(json.dumps(config_dict, default=str))
         changed = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in sorted(now)
                    if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != now[k]]

@@ -131,7 +131,7 @@ def chat(*turns):
         (chat({"role": "system", "content": "S"}, USER), "no assistant turn"),
         (chat(USER, ASSISTANT, USER), "ends on a user turn (messages[2])"),
         (chat(USER, {"role": "assitant", "content": "x"}), "messages[1].role 'assitant' is not a valid role; use one "
-                                                            "of system, user, assistant, human, gpt (did you mean "
+                                                            "of system, user, assistant, tool, human, gpt (did you mean "
                                                             "'assistant'?)"),
         (chat(USER, {"role": "assistant", "content": "  "}), "messages[1].content is empty"),
         (chat(USER, {"role": "assistant", "content": 3}), "messages[1].content must be a string, got int"),

@@ -111,7 +111,7 @@ def test_non_incremental_template_fails_clearly():
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     tokenizer.chat_template = template
-    with pytest.raises(DataError, match=r"row 0: The chat template cannot be used for loss masking"):
+    with pytest.raises(DataError, match=r"row 0: messages\[2\] is an answer whose text the chat template does not render"):
         tokenize(tokenizer)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from .schema import DataSummary, TokenizedData
 
 # Bump when the tokenization or masking code changes what it produces.
-CODE_VERSION = "data-1"
+CODE_VERSION = "data-2"
 DEFAULT_CACHE = Path("~/.cache/training_hub/data")
 SUMMARY_FILE = "summary.json"
 

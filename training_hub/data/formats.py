@@ -6,18 +6,11 @@ field and what is valid; the loader adds where the row came from (file:line or r
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .schema import Message
-
-# Turn roles accepted in `messages` and `conversations` lists (ShareGPT names map to ours).
-ROLE_ALIASES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
-
-
-class RowProblem(Exception):
-    """A problem in one row; the message names the field and what is valid, not the row itself."""
+from .turns import RowProblem, check_conversation, missing_field, parse_tools, parse_turns, require_text
 
 
 @dataclass(frozen=True)
@@ -50,24 +43,6 @@ def row_format(row: dict, fields: Fields) -> str | None:
     return None
 
 
-def closest(name: str, candidates) -> str | None:
-    """The candidate closest to ``name`` (difflib), for "did you mean" hints."""
-    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def missing_field(row: dict, name: str, where: str = "") -> RowProblem:
-    """A RowProblem for a missing field, suggesting a misspelled one present in the row."""
-    found = [key for key in row if key != name]
-    hint = closest(name, found)
-    message = f"{where}: missing field '{name}'" if where else f"missing field '{name}'"
-    if hint is not None:
-        message += f" (found '{hint}': misspelled? rename it to '{name}')"
-    elif found:
-        message += f" (fields found: {', '.join(repr(k) for k in found[:8])})"
-    return RowProblem(message)
-
-
 def require(row: dict, name: str) -> Any:
     value = row.get(name)
     if value is None:
@@ -75,73 +50,11 @@ def require(row: dict, name: str) -> Any:
     return value
 
 
-def require_text(value: Any, where: str, *, allow_empty: bool = False) -> str:
-    """Check that ``value`` is a string (non-blank unless ``allow_empty``) and return it."""
-    if not isinstance(value, str):
-        raise RowProblem(f"{where} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise RowProblem(f"{where} is empty")
-    return value
-
-
-def parse_turn(turn: Any, where: str) -> Message:
-    """One turn, {"role", "content"} or ShareGPT's {"from", "value"}, as a Message."""
-    if not isinstance(turn, dict):
-        raise RowProblem(f"{where} must be an object with 'role' and 'content', got {type(turn).__name__}")
-    role_key, content_key = ("from", "value") if "from" in turn and "role" not in turn else ("role", "content")
-    if turn.get(role_key) is None:
-        raise missing_field(turn, role_key, where)
-    role = turn[role_key]
-    if not isinstance(role, str) or role.strip().lower() not in ROLE_ALIASES:
-        valid = ", ".join(ROLE_ALIASES)
-        hint = closest(role, ROLE_ALIASES) if isinstance(role, str) else None
-        suggestion = f" (did you mean '{hint}'?)" if hint else ""
-        raise RowProblem(f"{where}.{role_key} {role!r} is not a valid role; use one of {valid}{suggestion}")
-    if turn.get(content_key) is None:
-        raise missing_field(turn, content_key, where)
-    content = require_text(turn[content_key], f"{where}.{content_key}")
-    return {"role": ROLE_ALIASES[role.strip().lower()], "content": content}
-
-
-def parse_turns(value: Any, field: str) -> list[Message]:
-    if not isinstance(value, list):
-        raise RowProblem(f"'{field}' must be a list of turns, got {type(value).__name__}")
-    if not value:
-        raise RowProblem(f"'{field}' is an empty list")
-    return [parse_turn(turn, f"{field}[{i}]") for i, turn in enumerate(value)]
-
-
-def check_conversation(messages: list[Message], field: str) -> None:
-    """Optional system turn first, then user/assistant alternating from user, ending on assistant.
-
-    Consecutive turns of the same role are rejected (as torchtune does, and as templates such as
-    Mistral's require): merge them into one turn.
-    """
-    for i, message in enumerate(messages):
-        if message["role"] == "system" and i > 0:
-            raise RowProblem(f"{field}[{i}] is a system turn; a system turn may only come first")
-    first = 1 if messages[0]["role"] == "system" else 0
-    for i in range(first, len(messages)):
-        expected = "user" if (i - first) % 2 == 0 else "assistant"
-        role = messages[i]["role"]
-        if role == expected:
-            continue
-        if i > first and role == messages[i - 1]["role"]:
-            raise RowProblem(f"{field}[{i - 1}] and {field}[{i}] are consecutive {role} turns; merge them into one")
-        raise RowProblem(f"{field}[{i}] has role '{role}' where '{expected}' is expected "
-                         "(after an optional system turn, turns alternate user, assistant, ...)")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowProblem(f"'{field}' has no assistant turn, so nothing to train on")
-    if messages[-1]["role"] != "assistant":
-        raise RowProblem(f"'{field}' ends on a user turn ({field}[{len(messages) - 1}]); it must end with an "
-                         "assistant answer")
-
-
 def from_messages(row: dict, fields: Fields, column: str | None = None) -> dict:
     column = column or fields.messages
     messages = parse_turns(require(row, column), column)
     check_conversation(messages, column)
-    return {"messages": messages}
+    return {"messages": messages, "tools": parse_tools(row.get("tools"))}
 
 
 def from_sharegpt(row: dict, fields: Fields) -> dict:
@@ -172,7 +85,7 @@ def from_prompt_completion(row: dict, fields: Fields) -> dict:
     else:
         messages += parse_turns(completion, "completion")
     check_conversation(messages, "prompt+completion")
-    return {"messages": messages}
+    return {"messages": messages, "tools": parse_tools(row.get("tools"))}
 
 
 def from_text(row: dict, fields: Fields) -> dict:

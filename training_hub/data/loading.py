@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .formats import Fields, RowProblem, closest, convert_row, format_signatures, row_format
+from .formats import Fields, convert_row, format_signatures, row_format
+from .turns import RowProblem, closest
 from .schema import DATASET_TYPES, DataError, Example, LoadedData
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -129,7 +130,8 @@ def fingerprint(examples: list[Example], fmt: str) -> str:
     """sha256 of the normalized content and the format (origins excluded)."""
     digest = hashlib.sha256(fmt.encode())
     for ex in examples:
-        digest.update(json.dumps([ex.messages, ex.text, ex.input_ids, ex.labels], ensure_ascii=False,
+        fields = [ex.messages, ex.text, ex.input_ids, ex.labels] + ([ex.tools] if ex.tools else [])
+        digest.update(json.dumps(fields, ensure_ascii=False,
                                  separators=(",", ":")).encode())
         digest.update(b"\n")
     return digest.hexdigest()
@@ -389,7 +391,7 @@ def read_parquet(path: Path, label: str, fields: Fields) -> RawRows:
 
 def read_csv(path: Path, label: str, fields: Fields) -> RawRows:
     """CSV rows; list columns (messages, conversations, input_ids, labels) hold JSON text."""
-    json_columns = {fields.messages, "conversations", "input_ids", "labels"}
+    json_columns = {fields.messages, "conversations", "input_ids", "labels", "tools"}
     raw = RawRows(label)
     reader = csv.DictReader(io.StringIO(decode_text(read_bytes(path, label), label), newline=""))
     header = reader.fieldnames or []

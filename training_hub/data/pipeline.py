@@ -13,14 +13,15 @@ from typing import Any
 
 from .cache import cache_key, load_cached, resolve_cache_dir, save_cached
 from .loading import MAX_LISTED_PROBLEMS, problem_report
-from .masking import IGNORE_INDEX, Renderer, labels_from_spans, make_renderer, render_with_spans
-from .settings import settings_problems
+from .masking import (IGNORE_INDEX, Rendered, Renderer, make_labels, make_renderer, needs_spans, render_for_loss,
+                      render_jobs, rendered_from)
 from .schema import DataError, DataSummary, Example, LoadedData, TokenizedData
+from .settings import settings_problems
 
 CHUNK_ROWS = 1000  # rows per tokenizer call
 PARALLEL_MIN_ROWS = 20_000  # below this, num_proc=None means one process
 
-Row = tuple[list[int], list[int]]
+Row = tuple[Any, Any]  # input_ids and labels, int64 numpy arrays
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Settings:
     max_seq_len: int
     train_on_inputs: bool
     truncation: str
+    train_on_reasoning: bool = True
 
 
 def tokenize_examples(
@@ -61,6 +63,7 @@ def tokenize_examples(
     truncation: str = "truncate",
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
+    train_on_reasoning: bool = True,
 ) -> TokenizedData:
     """Token ids and labels (-100 where no loss) for every example, masked for assistant-only loss.
 
@@ -68,12 +71,15 @@ def tokenize_examples(
         loaded: the result of ``load_examples``.
         tokenizer: a fast (offset-reporting) Hugging Face tokenizer.
         max_seq_len: longest row, in tokens.
-        train_on_inputs: loss on every token instead of only the assistant answers.
+        train_on_inputs: loss on every token instead of only the assistant answers (weight-0 answers and,
+            without ``train_on_reasoning``, reasoning still carry none).
         truncation: "truncate" (keep the start), "drop" the row, or "error".
         cache_dir: cache folder (default ``$TRAINING_HUB_CACHE`` or ``~/.cache/training_hub/data``);
             ``"none"`` disables the cache.
         num_proc: worker processes; None picks half the cores (at most 8) for large data (>= 20k rows) on
             machines with 8+ cores, else 1.
+        train_on_reasoning: loss on the ``reasoning_content`` the template renders in an answer (default);
+            False leaves the reasoning text itself without loss.
 
     Raises:
         DataError: a template that cannot be masked, rows too long under "error", or more than half of the
@@ -84,11 +90,12 @@ def tokenize_examples(
     folder = resolve_cache_dir(cache_dir)
     if folder is not None:
         folder = folder / cache_key(loaded.fingerprint, tokenizer, renderer.chat_template or tokenizer.chat_template,
-                                    max_seq_len=max_seq_len, train_on_inputs=train_on_inputs, truncation=truncation)
+                                    max_seq_len=max_seq_len, train_on_inputs=train_on_inputs, truncation=truncation,
+                                    train_on_reasoning=train_on_reasoning)
         cached = load_cached(folder)
         if cached is not None:
             return cached
-    settings = Settings(renderer, max_seq_len, train_on_inputs, truncation)
+    settings = Settings(renderer, max_seq_len, train_on_inputs, truncation, train_on_reasoning)
     table, tally = process_all(loaded.examples, settings, num_proc)
     check_tally(tally, max_seq_len)
     summary = summarize(loaded.format, tally, format_note(loaded.format, renderer), max_seq_len, truncation)
@@ -153,60 +160,113 @@ def default_workers(rows: int) -> int:
 
 
 def process_slice(examples: list[Example], settings: Settings) -> tuple[Any, Tally]:
-    """Encode, limit and convert to Arrow chunk by chunk, so few Python objects live at once."""
-    import pyarrow as pa
+    """Render, encode, limit and convert to Arrow chunk by chunk, so few Python objects live at once.
 
-    tables, tally = [], Tally()
-    for i in range(0, len(examples), CHUNK_ROWS):
-        chunk = examples[i: i + CHUNK_ROWS]
-        rows = encode_chunk(chunk, settings.renderer, settings.train_on_inputs)
-        kept = apply_limits(chunk, rows, settings.max_seq_len, settings.truncation, tally)
-        tables.append(rows_table(kept))
+    The Rust tokenizer releases the GIL: while it encodes one chunk (on every core), this thread renders the
+    next chunk and labels the one before, so no core waits for Python.
+    """
+    import pyarrow as pa
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .encoding import Encoder
+
+    encoder = Encoder(settings.renderer.tokenizer)
+    tables, tally, pending = [], Tally(), None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for i in range(0, len(examples), CHUNK_ROWS):
+            chunk = render_chunk(examples[i: i + CHUNK_ROWS], settings)
+            future = pool.submit(encoder.encode, [text.text for text in chunk.rendered])
+            if pending is not None:
+                tables.append(finish_chunk(*pending, settings, tally))
+            pending = (chunk, future)
+        if pending is not None:
+            tables.append(finish_chunk(*pending, settings, tally))
     return (pa.concat_tables(tables) if tables else rows_table([])), tally
 
 
-def rows_table(rows: list[Row]) -> Any:
-    """An Arrow table with the columns and types ``datasets`` uses for token data."""
-    import pyarrow as pa
+@dataclass
+class Chunk:
+    """Examples on their way to token rows: passthrough rows already made, the others rendered."""
 
-    return pa.table({
-        "input_ids": pa.array([ids for ids, _ in rows], type=pa.list_(pa.int32())),
-        "labels": pa.array([labels for _, labels in rows], type=pa.list_(pa.int64())),
-    })
+    examples: list[Example]
+    rows: list[Row | None]
+    rendered: list[Rendered]
+    slots: list[int]  # where each rendered example goes in ``rows``
 
 
-def encode_chunk(examples: list[Example], renderer: Renderer, train_on_inputs: bool) -> list[Row]:
-    """Render the chunk's texts, tokenize them in one batch call, and label them."""
-    rows: list[Row | None] = [None] * len(examples)
-    texts, spans, slots = [], [], []
-    vocab_size = len(renderer.tokenizer)
+def render_chunk(examples: list[Example], settings: Settings) -> Chunk:
+    """Passthrough rows as they are; text rows with EOS; every render the chat rows need in one batched call."""
+    from jinja2 import TemplateError
+
+    chunk, jobs, chats = Chunk(examples, [None] * len(examples), [], []), [], []
+    vocab_size = len(settings.renderer.tokenizer)
     for i, example in enumerate(examples):
         if example.input_ids is not None:
-            rows[i] = passthrough_row(example, vocab_size)
-            continue
-        text, answer_spans = example_text(example, renderer)
-        texts.append(text)
-        spans.append(answer_spans)
-        slots.append(i)
-    if texts:
-        encoded = renderer.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for j, i in enumerate(slots):
-            ids, offsets = encoded["input_ids"][j], encoded["offset_mapping"][j]
-            if renderer.bos_token_id is not None and not texts[j].startswith(renderer.bos_token):
-                ids, offsets = [renderer.bos_token_id, *ids], [(0, 0), *offsets]
-            rows[i] = (ids, list(ids) if train_on_inputs else labels_from_spans(ids, offsets, spans[j]))
-    return rows  # type: ignore[return-value]
+            chunk.rows[i] = passthrough_row(example, vocab_size)
+        elif example.messages is None:
+            chunk.rendered.append(example_text(example, settings))
+            chunk.slots.append(i)
+        else:
+            spans = needs_spans(example.messages, settings.train_on_inputs, settings.train_on_reasoning)
+            new = render_jobs(example.messages, example.tools, spans)
+            chats.append((i, spans, slice(len(jobs), len(jobs) + len(new))))
+            jobs += new
+    try:
+        texts = settings.renderer.batch.render(jobs)
+    except TemplateError:
+        texts = None  # a template raised on some row: render row by row below, to name it
+    for i, spans, where in chats:
+        example = examples[i]
+        if texts is None:
+            chunk.rendered.append(example_text(example, settings))
+        else:
+            chunk.rendered.append(naming_the_row(example, rendered_from, settings.renderer, example.messages,
+                                                 example.tools, texts[where], spans, settings.train_on_reasoning))
+        chunk.slots.append(i)
+    return chunk
 
 
-def example_text(example: Example, renderer: Renderer) -> tuple[str, list[tuple[int, int]]]:
-    """The text to tokenize and its loss spans (every character for ``text`` rows)."""
+def finish_chunk(chunk: Chunk, encoded: Any, settings: Settings, tally: Tally) -> Any:
+    """Label the encoded texts (BOS added once where the tokenizer wants it), apply the length limits, and
+    return the chunk's Arrow table."""
+    renderer = settings.renderer
+    for slot, text, tokens in zip(chunk.slots, chunk.rendered, encoded.result()):
+        if renderer.bos_token_id is not None and not text.text.startswith(renderer.bos_token):
+            tokens = tokens.with_bos(renderer.bos_token_id)
+        chunk.rows[slot] = (tokens.ids, make_labels(tokens, text, settings.train_on_inputs))
+    kept = apply_limits(chunk.examples, chunk.rows, settings.max_seq_len, settings.truncation, tally)
+    return rows_table(kept)
+
+
+def rows_table(rows: list[Row]) -> Any:
+    """An Arrow table with the columns and types ``datasets`` uses for token data, built from flat arrays."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = pa.array(np.cumsum([0] + [len(ids) for ids, _ in rows]), type=pa.int32())
+    columns = {}
+    for name, index, dtype in (("input_ids", 0, np.int32), ("labels", 1, np.int64)):
+        values = np.concatenate([row[index] for row in rows]).astype(dtype) if rows else np.zeros(0, dtype)
+        columns[name] = pa.ListArray.from_arrays(offsets, pa.array(values))
+    return pa.table(columns)
+
+
+def example_text(example: Example, settings: Settings) -> Rendered:
+    """The text to tokenize and its loss spans (every character for ``text`` rows), rendered on its own."""
+    renderer = settings.renderer
     if example.text is not None:
         text = example.text + (renderer.eos_token or "")
-        return text, [(0, len(text))]
+        return Rendered(text, [(0, len(text))], [])
+    return naming_the_row(example, render_for_loss, renderer, example.messages or [], example.tools,
+                          settings.train_on_inputs, settings.train_on_reasoning)
+
+
+def naming_the_row(example: Example, make: Any, *args: Any) -> Rendered:
+    """``make(*args)``, with a DataError or a template's own error prefixed by the example's origin."""
     from jinja2 import TemplateError
 
     try:
-        return render_with_spans(renderer, example.messages or [])
+        return make(*args)
     except DataError as error:
         raise DataError(f"{example.origin}: {error}") from None
     except TemplateError as error:
@@ -216,10 +276,12 @@ def example_text(example: Example, renderer: Renderer) -> tuple[str, list[tuple[
 def passthrough_row(example: Example, vocab_size: int) -> Row:
     """Pre-tokenized ids and labels, checked against the vocabulary (an id out of range would fail only inside
     the model, on a GPU as a device-side assert)."""
-    ids = example.input_ids or []
-    labels = list(example.labels) if example.labels is not None else list(ids)
-    for column, values in (("input_ids", ids), ("labels", [t for t in labels if t != IGNORE_INDEX])):
-        largest = max(values, default=0)
+    import numpy as np
+
+    ids = np.asarray(example.input_ids or [], dtype=np.int64)
+    labels = np.asarray(example.labels, dtype=np.int64) if example.labels is not None else ids.copy()
+    for column, values in (("input_ids", ids), ("labels", labels[labels != IGNORE_INDEX])):
+        largest = int(values.max(initial=0))
         if largest >= vocab_size:
             raise DataError(f"{example.origin}: {column} holds token id {largest}, but the tokenizer has only "
                             f"{vocab_size} tokens (ids 0..{vocab_size - 1}); was the data tokenized with another "
@@ -242,7 +304,7 @@ def apply_limits(examples: list[Example], rows: list[Row], max_seq_len: int, tru
                 continue
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             tally.truncated += 1
-        supervised = len(labels) - labels.count(IGNORE_INDEX)
+        supervised = int((labels != IGNORE_INDEX).sum())
         if supervised == 0:
             tally.dropped_no_supervised += 1
             tally.empty.append(example.origin)

@@ -6,7 +6,7 @@ Nothing heavy is imported here: ``datasets`` appears only in a type annotation.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal, TypedDict, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
 if TYPE_CHECKING:
     import datasets
@@ -23,11 +23,35 @@ class DataError(ValueError):
     """A problem with the training data: the message names where (file:line or row), the field and the fix."""
 
 
-class Message(TypedDict):
-    """The one message shape every chat format is converted to."""
+class ToolFunction(TypedDict):
+    name: str
+    arguments: dict[str, Any]  # parsed: chat templates write it with ``tojson``
 
-    role: Literal["system", "user", "assistant"]
+
+class ToolCall(TypedDict, total=False):
+    """One call an assistant turn makes, in the OpenAI shape (``id`` only when the data gives one)."""
+
+    type: Literal["function"]
+    function: ToolFunction
+    id: str
+
+
+class Message(TypedDict, total=False):
+    """The one message shape every chat format is converted to; it is what the chat template receives.
+
+    ``role`` and ``content`` are always set (content may be empty on an assistant turn with tool calls and
+    on a tool turn). The optional keys are set only when the data gives them: ``tool_calls`` and
+    ``reasoning_content`` on assistant turns, ``tool_call_id`` and ``name`` on tool turns (``name`` also on
+    others), ``weight`` (0) on assistant turns that are context only.
+    """
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall]
+    tool_call_id: str
+    name: str
+    reasoning_content: str
+    weight: int
 
 
 @dataclass(slots=True)
@@ -35,11 +59,13 @@ class Example:
     """One validated, normalized training example.
 
     Exactly one of ``messages`` (chat formats), ``text`` (``text`` format) or ``input_ids``
-    (``passthrough``; ``labels`` optional) is set.
+    (``passthrough``; ``labels`` optional) is set. ``tools`` (function schemas, handed to the chat
+    template as ``tools=``) only with ``messages``.
     """
 
     origin: str
     messages: list[Message] | None = None
+    tools: list[dict] | None = None
     text: str | None = None
     input_ids: list[int] | None = None
     labels: list[int] | None = None
@@ -95,9 +121,30 @@ class DataSummary:
 
 @dataclass
 class TokenizedData:
-    """Token ids and labels (-100 where no loss), one row per kept example, in the input order."""
+    """Token ids and labels (-100 where no loss), one row per kept example, in the input order.
+
+    It behaves as the tokenized ``datasets.Dataset`` it holds: ``len(data)``, ``data[0]`` (a row),
+    ``data["input_ids"]`` (a column), ``data[2:5]``, iteration, and every other Dataset attribute
+    (``column_names``, ``to_list()``, ``select(...)``, ...). ``summary`` says what was kept, cut and dropped;
+    ``dataset`` is the Dataset itself.
+    """
 
     dataset: "datasets.Dataset"
     summary: DataSummary
     from_cache: bool = False
     cache_path: str | None = field(default=None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.dataset[key]
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def __getattr__(self, name: str):
+        # Only reached for names the dataclass lacks; private names and a half-built object stay errors.
+        if name.startswith("_") or "dataset" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

@@ -25,6 +25,7 @@ class DataSettings:
     field_output: str
     max_seq_len: int
     train_on_inputs: bool
+    train_on_reasoning: bool
     truncation: str
     data_output_dir: str | None
 
@@ -41,8 +42,8 @@ class DataSettings:
 
     def tokenizing(self) -> dict[str, Any]:
         """Keyword arguments of `tokenize_examples` (besides the tokenizer)."""
-        return dict(max_seq_len=self.max_seq_len, train_on_inputs=self.train_on_inputs, truncation=self.truncation,
-                    cache_dir=self.data_output_dir)
+        return dict(max_seq_len=self.max_seq_len, train_on_inputs=self.train_on_inputs,
+                    train_on_reasoning=self.train_on_reasoning, truncation=self.truncation, cache_dir=self.data_output_dir)
 
 
 def settings_problems(max_seq_len: Any, truncation: Any) -> list[str]:
