@@ -353,3 +353,18 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(tiny_model_fac
     assert checkpoints.is_complete(saved)
     assert (saved / "rng_state_0.pth").exists() and (saved / "rng_state_1.pth").exists()
     # Resuming a multi-process run exactly: tests/test_distributed.py (kill -9 of one rank, then resume).
+
+
+def test_a_parameter_added_after_the_checkpoint_resumes_at_its_default(tmp_path):
+    import dataclasses
+
+    from training_hub.config import LoraSFTConfig
+
+    config = LoraSFTConfig(model_path="m", data_path="d.jsonl", ckpt_output_dir=str(tmp_path))
+    saved = config.to_dict()
+    del saved["train_on_reasoning"]  # a checkpoint written before the parameter existed
+    fake_checkpoint(tmp_path, 2, config=saved)
+    point = find_resume(tmp_path, True)
+    assert point.config_problems(config.to_dict()) == []
+    (problem,) = point.config_problems(dataclasses.replace(config, train_on_reasoning=False).to_dict())
+    assert "train_on_reasoning: True in the checkpoint, False now" in problem
