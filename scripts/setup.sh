@@ -7,11 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${TRAINING_HUB_VENV:-.venv}
-stamp="$venv/.training_hub_setup_v1"
+stamp="$venv/.training_hub_setup_v2"
 if [ -f "$stamp" ]; then exit 0; fi
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -c scripts/constraints-cpu.txt -e ".[unsloth-deps,dev,tensorboard]"
+"$venv/bin/python" -m pip install -q -c scripts/constraints-cpu.txt -e ".[unsloth-deps,dev,tensorboard,wandb,mlflow]"
 "$venv/bin/python" -m pip install -q --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9 cut_cross_entropy==25.1.1
 "$venv/bin/python" - <<'PY'
 import importlib.util, sys

@@ -110,6 +110,7 @@ def lora_sft(
     mlflow_tracking_uri: str | None = None,
     mlflow_experiment_name: str | None = None,
     mlflow_run_name: str | None = None,
+    report_to: list[str] | None = None,
     nproc_per_node: int | Literal["auto", "gpu"] | None = None,
     nnodes: int | None = None,
     node_rank: int | None = None,
@@ -309,7 +310,7 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
                                      config, plan, out, callbacks)
     start = str(resume.checkpoint) if resume is not None and resume.checkpoint is not None else None
     tokens_before = _tokens_seen(Path(start)) if start else 0  # read now: rotation may delete the checkpoint
-    with checkpoints.stop_on_signals(stop), training.sdpa_backends(plan.sdpa_backends):
+    with tracking.tracker_runs(config), checkpoints.stop_on_signals(stop), training.sdpa_backends(plan.sdpa_backends):
         output = trainer.train(resume_from_checkpoint=start)
     _raise_if_stopped(stop, out, config, plan)
     metrics = _final_metrics(output.metrics, trainer.state, plan, metrics_path if start else None, tokens_before)

@@ -38,7 +38,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "num_epochs", "save_steps", "save_total_limit", "logging_steps", "save_merged",
     "resume_from_checkpoint", "overwrite_output_dir", "callbacks", "dry_run", "data_path", "data_output_dir",
     "dataloader_num_workers", "eval_data_path", "wandb_project", "wandb_entity", "wandb_run_name", "tensorboard_log_dir",
-    "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name",
+    "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "report_to",
 })
 # Consecutive non-finite gradient norms after which an fp16 run (whose loss scaler skips such steps) has diverged.
 FP16_SKIPPED_STEPS_LIMIT = 10

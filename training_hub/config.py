@@ -129,6 +129,7 @@ class LoraSFTConfig:
     mlflow_tracking_uri: str | None = None
     mlflow_experiment_name: str | None = None
     mlflow_run_name: str | None = None
+    report_to: list[str] | None = None
 
     # Distributed.
     nproc_per_node: int | Literal["auto", "gpu"] | None = None
@@ -173,12 +174,6 @@ NOT_SUPPORTED_YET: dict[str, str] = {
     "checkpoint_at_epoch": "per-epoch checkpoints (use save_steps)",
     "accelerate_full_state_at_epoch": "per-epoch accelerate state (use save_steps)",
     "max_tokens_per_gpu": "token-budget batching (use micro_batch_size / effective_batch_size)",
-    "wandb_project": "Weights & Biases logging",
-    "wandb_entity": "Weights & Biases logging",
-    "wandb_run_name": "Weights & Biases logging",
-    "mlflow_tracking_uri": "MLflow logging",
-    "mlflow_experiment_name": "MLflow logging",
-    "mlflow_run_name": "MLflow logging",
     "nnodes": "multi-node training",
     "node_rank": "multi-node training",
     "rdzv_id": "multi-node training",
