@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from . import config as cfg
 from .config import LoraSFTConfig
+from .console import quiet_third_party
 from .result import TrainingResult
 
 
@@ -170,13 +171,16 @@ def lora_sft(
     return run(config)
 
 
+@quiet_third_party()
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
     from . import checkpoints, data
     from .models.adapters import unsloth_problems, with_adapter_settings
     from .models.unsloth import import_unsloth
+    from .logs import enable_default_output
     from .tracking import tracker_problems
 
+    enable_default_output()
     out = Path(config.ckpt_output_dir)
     _raise_problems(cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint)
                     + tracker_problems(config))
@@ -286,7 +290,7 @@ def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
 def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, resume, fingerprint: str) -> TrainingResult:
     from dataclasses import asdict
 
-    from . import checkpoints, manifest, tracking, training
+    from . import card, checkpoints, console, manifest, tracking, training
     from .models import load_model
 
     out = _prepare_output(config, resume)
@@ -303,11 +307,14 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
     stop = checkpoints.StopRequest()
     guard = checkpoints.guard_callback(out, stop, config.to_dict(), fingerprint, config.save_total_limit,
                                        loss_scaler=plan.dtype == "float16")
-    callbacks = [training.metrics_callback(metrics_path), guard, *tracking.tracker_callbacks(config),
+    resumed = resume is not None and resume.checkpoint is not None
+    callbacks = [training.metrics_callback(metrics_path, resumed=resumed), guard, *tracking.tracker_callbacks(config),
                  *(config.callbacks or [])]
     eval_dataset = eval_tokenized.dataset if eval_tokenized is not None else None
     trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, eval_dataset,
                                      config, plan, out, callbacks)
+    console.replace_progress_callbacks(trainer, console.console_callback(
+        console.run_facts(config, plan, loaded_model, tokenized.summary, out)))
     start = str(resume.checkpoint) if resume is not None and resume.checkpoint is not None else None
     tokens_before = _tokens_seen(Path(start)) if start else 0  # read now: rotation may delete the checkpoint
     with tracking.tracker_runs(config), checkpoints.stop_on_signals(stop), training.sdpa_backends(plan.sdpa_backends):
@@ -319,10 +326,8 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
         _save_merged(config, plan, out)
     trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
     manifest.write(out, config, plan, tokenized.summary, loaded_model, fingerprint, metrics=metrics)
-    mfu = f", MFU {metrics['mfu']:.1%} of {plan.peak_tflops:.0f} TFLOP/s" if "mfu" in metrics else ""
-    memory = f", peak {metrics['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in metrics else ""
-    log(f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
-        f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s{mfu}{memory}; adapter in {out}")
+    card.write_run_report(out)
+    console.logger.info(console.end_summary(metrics, console.last_losses(metrics_path), out))
     return TrainingResult(output_dir=out, adapter_path=out, metrics_path=metrics_path, config_path=config_path,
                           metrics=metrics, plan=asdict(plan), data_summary=tokenized.summary.to_dict(),
                           model=loaded_model.model, tokenizer=loaded_model.tokenizer, trainer=trainer)
@@ -354,7 +359,7 @@ def _finish_from_checkpoint(config: LoraSFTConfig, plan, tokenized, checkpoint: 
     the final adapter is the checkpoint's (e.g. the run was stopped after its last checkpoint, before the end)."""
     from dataclasses import asdict
 
-    from . import checkpoints, manifest, training
+    from . import card, checkpoints, manifest, training
     from .checkpoints import checkpoint_step
     from .hardware import is_main_process
 
@@ -363,6 +368,7 @@ def _finish_from_checkpoint(config: LoraSFTConfig, plan, tokenized, checkpoint: 
         f"the final adapter is {checkpoint.name}'s")
     if is_main_process():
         checkpoints.copy_adapter(checkpoint, out)
+        card.write_run_report(out)
         if config.save_merged:
             _save_merged(config, plan, out)
     return TrainingResult(output_dir=out, adapter_path=out, metrics_path=out / training.METRICS_FILE,

@@ -117,9 +117,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def metrics_callback(path: Path):
-    """A TrainerCallback writing one JSON object per logging step to `path`, flushed live (rank 0 only)."""
+def metrics_callback(path: Path, resumed: bool = False):
+    """A TrainerCallback writing one JSON object per logging step to `path`, flushed live (rank 0 only).
+
+    After a resume the Trainer's end-of-run `train_loss` averages only the steps of this process over all the
+    run's steps; the summary line gets the whole run's mean from the file instead (the figure run_config.json
+    holds too)."""
     from transformers import TrainerCallback
+
+    from .checkpoints import resumed_train_loss
 
     class MetricsFileCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -127,6 +133,8 @@ def metrics_callback(path: Path):
                 return
             entry = {"step": state.global_step, "epoch": _jsonable(state.epoch)}
             entry.update({k: _jsonable(v) for k, v in logs.items()})
+            if resumed and "train_loss" in entry:
+                entry["train_loss"] = resumed_train_loss(path) or entry["train_loss"]
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
 
