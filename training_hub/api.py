@@ -182,7 +182,8 @@ def run(config: LoraSFTConfig) -> TrainingResult:
 
     enable_default_output()
     out = Path(config.ckpt_output_dir)
-    _raise_problems(cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint)
+    _raise_problems((cfg.output_dir_problems(out, config.overwrite_output_dir, config.resume_from_checkpoint)
+                     if not config.dry_run else [])  # a dry run writes nothing, so any folder will do
                     + tracker_problems(config))
     resume = checkpoints.find_resume_point(out, config.resume_from_checkpoint)
     config = with_adapter_settings(config)
@@ -281,8 +282,10 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
 def _dry_run_result(config: LoraSFTConfig, plan, tokenized) -> TrainingResult:
     from dataclasses import asdict
 
+    from .console import dry_run_summary
+
     out = Path(config.ckpt_output_dir)
-    log("dry run: nothing trained, nothing written")
+    log(dry_run_summary(config, plan, tokenized.summary))
     return TrainingResult(output_dir=out, adapter_path=out, metrics_path=out / "training_metrics.jsonl",
                           config_path=out / "run_config.json", plan=asdict(plan), data_summary=tokenized.summary.to_dict())
 

@@ -266,3 +266,16 @@ def run_facts(config, plan, loaded_model, summary, output_dir: Path) -> dict[str
         micro=plan.micro_batch_size, accumulation=plan.gradient_accumulation_steps, world=plan.world_size,
         effective=plan.effective_batch_size, output=str(output_dir),
     )
+
+
+def dry_run_summary(config, plan, summary) -> str:
+    """What a dry run reports: the steps, epochs and tokens the run would take (nothing is trained or written)."""
+    rows = summary.rows_out
+    if plan.sample_packing:  # packed rows fill sequences of max_seq_len tokens almost completely
+        rows = math.ceil(summary.tokens_total / max(1, config.max_seq_len))
+    steps, epochs = planned_steps(rows, plan.effective_batch_size, config.num_epochs, config.max_steps)
+    per_epoch = max(1, math.ceil(rows / max(1, plan.effective_batch_size)))
+    unit = f"{rows:,} packed sequences of <= {config.max_seq_len:,} tokens" if plan.sample_packing else f"{rows:,} rows"
+    return (f"dry run: {steps:,} optimizer steps = {epochs:.2f} epochs of {per_epoch:,} steps ({unit}, {plan.effective_batch_size} "
+            f"per step); {summary.tokens_total:,} tokens per epoch, {round(summary.tokens_total * epochs):,} in all "
+            f"({summary.supervised_tokens_total:,} with loss per epoch). Nothing trained, nothing written")

@@ -65,7 +65,8 @@ def run_quickstart(model: str | None = None, output_dir: str = "quickstart-outpu
     result = lora_sft(
         model_path=model_path, data_path=str(bundled_dataset()), ckpt_output_dir=str(out / "adapter"),
         backend=backend, max_steps=max_steps, learning_rate=2e-3 if model is None else 2e-4, lora_r=16,
-        lora_alpha=32, effective_batch_size=8, warmup_steps=10, max_seq_len=256, logging_steps=10,
+        lora_alpha=32, effective_batch_size=8, warmup_steps=10, max_seq_len=256,
+        logging_steps=max(1, max_steps // 12),  # a dozen progress lines: the console fits on one screen
         save_steps=max_steps, overwrite_output_dir=True,  # a demo folder: rerunning replaces it
     )
     print(f"\nloss: {loss_curve(result.metrics_path)}")
