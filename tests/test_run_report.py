@@ -97,3 +97,17 @@ def test_resumed_run_reports_one_train_loss_everywhere(tiny_model_factory, greet
     assert summary == pytest.approx(whole_run, rel=1e-6) and manifest_loss == pytest.approx(whole_run, rel=1e-6)
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
     assert f"| train loss (mean over the run) | {whole_run:.4f} |" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_leaves_a_plot_a_card_and_a_readable_console(surface_run):
+    out, stderr = surface_run["out"], surface_run["stderr"]
+    assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card and "| data fingerprint |" in card and "20% of the training rows" in card
+    steps = [line for line in stderr.splitlines() if line.startswith("training_hub: step ")]
+    assert [line.split(" | ")[0] for line in steps] == [f"training_hub: step {s}/5" for s in range(1, 6)]
+    assert all(" | loss " in line and " | lr " in line and " | grad " in line and " tok/s | ETA " in line for line in steps)
+    assert "eval at step 2/5: loss " in stderr and "training:\n  model" in stderr and "done:\n  time" in stderr
+    for noise in ("{'loss'", "Saving the dataset", "Truncating train dataset", "Dropping fully masked"):
+        assert noise not in stderr, noise

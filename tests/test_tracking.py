@@ -1,9 +1,5 @@
 """TensorBoard logging (a writer we create, handed to transformers' callback), and the checks before training."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +7,6 @@ import pytest
 from training_hub import ConfigError, lora_sft
 from training_hub.config import LoraSFTConfig
 from training_hub.tracking import tracker_problems
-
-JOB = Path(__file__).with_name("e2e_job.py")
 
 
 def config(**kw) -> LoraSFTConfig:
@@ -41,28 +35,6 @@ def test_missing_tensorboard_package_is_named_with_the_install_hint(monkeypatch)
     assert tracker_problems(config()) == []
 
 
-@pytest.fixture(scope="module")
-def tracked_run(tiny_model_factory, tmp_path_factory):
-    """One tiny training run logging to TensorBoard, wandb (offline) and MLflow (sqlite) at once, with an eval split."""
-    from sample_data import greeting_conversations, write_jsonl
-
-    tmp = tmp_path_factory.mktemp("tracked")
-    out, board, db = tmp / "out", tmp / "tb", tmp / "mlflow.db"
-    data = write_jsonl(tmp / "greetings.jsonl", greeting_conversations())
-    job = dict(model_path=str(tiny_model_factory("qwen2", "chatml")), data_path=str(data),
-               ckpt_output_dir=str(out), backend="peft", max_steps=4, effective_batch_size=8, save_steps=1000,
-               eval_split=0.2, eval_steps=2, data_output_dir="none", tensorboard_log_dir=str(board),
-               wandb_project="thub-test", wandb_run_name="tiny", mlflow_tracking_uri=f"sqlite:///{db}",
-               mlflow_experiment_name="thub-test", mlflow_run_name="tiny")
-    # wandb's own settings, given to the child process only: no network, run folder under tmp.
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, str(JOB), json.dumps(job)], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
-    return dict(out=out, board=board, db=db, wandb_dir=tmp / "wandb", metrics=metrics, stderr=proc.stderr)
-
-
 def logged_losses(metrics: list[dict], key: str = "loss") -> dict[int, float]:
     return {m["step"]: m[key] for m in metrics if key in m}
 
@@ -73,44 +45,44 @@ def assert_same(logged: dict[int, float], expected: dict[int, float]) -> None:
 
 
 @pytest.mark.slow
-def test_tensorboard_gets_the_same_losses_as_the_metrics_file(tracked_run):
+def test_tensorboard_gets_the_same_losses_as_the_metrics_file(surface_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tracked_run["board"]))
+    events = EventAccumulator(str(surface_run["board"]))
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("train/loss")}
-    assert sorted(logged) == [1, 2, 3, 4]
-    assert_same(logged, logged_losses(tracked_run["metrics"]))
-    assert_same({e.step: e.value for e in events.Scalars("eval/loss")}, logged_losses(tracked_run["metrics"], "eval_loss"))
+    assert sorted(logged) == [1, 2, 3, 4, 5]
+    assert_same(logged, logged_losses(surface_run["metrics"]))
+    assert_same({e.step: e.value for e in events.Scalars("eval/loss")}, logged_losses(surface_run["metrics"], "eval_loss"))
     assert "train/learning_rate" in events.Tags()["scalars"]
-    assert not (tracked_run["out"] / "runs").exists()  # the folder given, not the default under the output dir
+    assert not (surface_run["out"] / "runs").exists()  # the folder given, not the default under the output dir
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_holds_the_same_losses_as_the_metrics_file(tracked_run):
+def test_wandb_offline_run_holds_the_same_losses_as_the_metrics_file(surface_run):
     from wandb_records import history
 
-    (run_folder,) = tracked_run["wandb_dir"].glob("offline-run-*")
+    (run_folder,) = surface_run["wandb_dir"].glob("offline-run-*")
     rows = history(run_folder)
     logged = {r["train/global_step"]: r["train/loss"] for r in rows if "train/loss" in r}
-    assert_same(logged, logged_losses(tracked_run["metrics"]))
+    assert_same(logged, logged_losses(surface_run["metrics"]))
     evals = {r["train/global_step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
-    assert_same(evals, logged_losses(tracked_run["metrics"], "eval_loss"))
+    assert_same(evals, logged_losses(surface_run["metrics"], "eval_loss"))
     assert all("_runtime" in r for r in rows)  # wandb's own bookkeeping: these are real history records
 
 
 @pytest.mark.slow
-def test_mlflow_sqlite_run_holds_the_same_losses_and_is_finished(tracked_run):
+def test_mlflow_sqlite_run_holds_the_same_losses_and_is_finished(surface_run):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tracked_run['db']}")
+    client = MlflowClient(f"sqlite:///{surface_run['db']}")
     experiment = client.get_experiment_by_name("thub-test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
-    assert_same(logged, logged_losses(tracked_run["metrics"]))
+    assert_same(logged, logged_losses(surface_run["metrics"]))
     assert_same({m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")},
-                logged_losses(tracked_run["metrics"], "eval_loss"))
+                logged_losses(surface_run["metrics"], "eval_loss"))
 
 
 def test_report_to_names_are_checked_against_transformers_integrations():

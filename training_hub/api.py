@@ -311,8 +311,10 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
     guard = checkpoints.guard_callback(out, stop, config.to_dict(), fingerprint, config.save_total_limit,
                                        loss_scaler=plan.dtype == "float16")
     resumed = resume is not None and resume.checkpoint is not None
-    callbacks = [training.metrics_callback(metrics_path, resumed=resumed), guard, *tracking.tracker_callbacks(config),
-                 *(config.callbacks or [])]
+    schedule = training.save_schedule_callback(config.save_samples, plan.effective_batch_size,
+                                               bool(config.checkpoint_at_epoch or config.accelerate_full_state_at_epoch))
+    callbacks = [training.metrics_callback(metrics_path, resumed=resumed), *([schedule] if schedule else []), guard,
+                 *tracking.tracker_callbacks(config), *(config.callbacks or [])]
     eval_dataset = eval_tokenized.dataset if eval_tokenized is not None else None
     trainer = training.build_trainer(loaded_model.model, loaded_model.tokenizer, tokenized.dataset, eval_dataset,
                                      config, plan, out, callbacks)

@@ -170,9 +170,6 @@ PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Lora
 # never silently ignored.
 NOT_SUPPORTED_YET: dict[str, str] = {
     "loftq_config": "LoftQ initialisation",
-    "save_samples": "saving samples (the reference never implemented it either)",
-    "checkpoint_at_epoch": "per-epoch checkpoints (use save_steps)",
-    "accelerate_full_state_at_epoch": "per-epoch accelerate state (use save_steps)",
     "max_tokens_per_gpu": "token-budget batching (use micro_batch_size / effective_batch_size)",
     "nnodes": "multi-node training",
     "node_rank": "multi-node training",
@@ -266,7 +263,8 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
     if c.data_path is None or (isinstance(c.data_path, str) and not c.data_path.strip()):
         p.append("data_path is empty: give a .jsonl/.json/.parquet/.csv file, a folder, a list of dicts or a Dataset")
     p += _positive(c, ["lora_r", "lora_alpha", "num_epochs", "learning_rate", "max_seq_len", "save_steps", "logging_steps"])
-    p += _positive(c, ["max_steps", "effective_batch_size", "gradient_accumulation_steps", "save_total_limit"], allow_none=True)
+    p += _positive(c, ["max_steps", "effective_batch_size", "gradient_accumulation_steps", "save_total_limit",
+                       "save_samples"], allow_none=True)
     p += _positive(c, ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"], allow_zero=True)
     if c.micro_batch_size is not None and c.micro_batch_size != "auto":
         p += _positive(c, ["micro_batch_size"])

@@ -197,7 +197,15 @@ def console_callback(start_facts: dict[str, Any] | None = None):
         def __init__(self) -> None:
             self.bar = None
             self.rate = _Rate()
-            self.redirect = contextlib.ExitStack()
+
+        def say(self, line: str) -> None:
+            """Log `line` above the bar: the bar is erased, the line printed, the bar drawn again (what tqdm.write
+            does, here for whatever handlers the "training_hub" logger has)."""
+            if self.bar is not None and not self.bar.disable:
+                self.bar.clear()
+            logger.info(line)
+            if self.bar is not None and not self.bar.disable:
+                self.bar.refresh()
 
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
             if not is_main_process():
@@ -206,12 +214,9 @@ def console_callback(start_facts: dict[str, Any] | None = None):
                 per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps) if train_dataloader else 0
                 epochs = state.max_steps / per_epoch if per_epoch else float(state.num_train_epochs)
                 logger.info(start_summary({**start_facts, "steps": state.max_steps, "epochs": epochs}))
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
             # disable=None: no bar when stderr is not a terminal (log files get the lines only)
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, disable=None, dynamic_ncols=True,
                             unit="step", leave=False)
-            self.redirect.enter_context(logging_redirect_tqdm(loggers=[logger]))  # lines print above the bar
             self.rate.begin(state.global_step, int(state.num_input_tokens_seen or 0))
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -223,15 +228,14 @@ def console_callback(start_facts: dict[str, Any] | None = None):
                 return
             if "loss" in logs:
                 rate, eta = self.rate.update(state.global_step, state.max_steps, int(state.num_input_tokens_seen or 0))
-                logger.info(step_line(state.global_step, state.max_steps, logs, rate, eta))
+                self.say(step_line(state.global_step, state.max_steps, logs, rate, eta))
             elif any(k.startswith("eval_") for k in logs):
-                logger.info(eval_line(state.global_step, state.max_steps, logs))
+                self.say(eval_line(state.global_step, state.max_steps, logs))
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
-            self.redirect.close()
 
     return ConsoleCallback()
 

@@ -55,11 +55,16 @@ def run_quickstart(model: str | None = None, output_dir: str = "quickstart-outpu
     """Train on the bundled data and print the loss curve and a generation. Returns a process exit code."""
     from .api import lora_sft
 
+    from .console import quiet_third_party
+    from .logs import enable_default_output
+
+    enable_default_output()  # before Unsloth's import configures the root logger (logging.basicConfig at WARNING)
     out = Path(output_dir)
     if backend != "peft":
         from .models.unsloth import import_unsloth
 
-        import_unsloth()  # before the tiny-model builder imports transformers, so Unsloth's patches apply
+        with quiet_third_party():
+            import_unsloth()  # before the tiny-model builder imports transformers, so Unsloth's patches apply
     model_path = model or str(build_default_model(out / "base-model"))
     print(f"quickstart: model {model_path}, data {bundled_dataset()}, output {out / 'adapter'}")
     result = lora_sft(

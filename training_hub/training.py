@@ -145,3 +145,25 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_schedule_callback(save_samples: int | None, effective_batch_size: int, at_epoch_end: bool):
+    """A TrainerCallback asking for extra checkpoints (the public training-hub's settings), or None when none are
+    asked for: one each time another `save_samples` training sequences have been seen (step x effective batch),
+    and one at the end of every epoch when `at_epoch_end`. They add to `save_steps`' checkpoints and are ordinary
+    complete checkpoints (adapter, optimizer, scheduler, RNG: enough to resume), rotated by `save_total_limit`."""
+    if save_samples is None and not at_epoch_end:
+        return None
+    from transformers import TrainerCallback
+
+    class SaveSchedule(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if save_samples and step * effective_batch_size // save_samples > (step - 1) * effective_batch_size // save_samples:
+                control.should_save = True
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if at_epoch_end:
+                control.should_save = True
+
+    return SaveSchedule()
