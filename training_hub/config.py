@@ -169,8 +169,10 @@ PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Lora
 # Parameters whose feature is not built yet: any value other than the default is refused with this reason,
 # never silently ignored.
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "loftq_config": "LoftQ initialisation",
-    "max_tokens_per_gpu": "token-budget batching (use micro_batch_size / effective_batch_size)",
+    "loftq_config": ("LoftQ initialisation (its adapter is only right with the quantized base it was fitted to, not "
+                     "with the 16-bit base that is saved, merged and served; use load_in_4bit=True)"),
+    "max_tokens_per_gpu": ("token-budget batching (use sample_packing with micro_batch_size: a packed micro batch holds "
+                           "at most micro_batch_size x max_seq_len tokens)"),
     "nnodes": "multi-node training",
     "node_rank": "multi-node training",
     "rdzv_id": "multi-node training",
