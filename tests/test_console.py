@@ -59,8 +59,8 @@ def test_end_summary_shows_gpu_figures_only_when_measured():
     assert "1:15 for 6 steps; 1,234 tokens/s" in cpu and "MFU" not in cpu
     assert "train loss 1.5000 (mean over the run), last train loss 1.2000, last eval loss 1.3000" in cpu
     assert "training_hub.load('out')" in cpu
-    gpu = console.end_summary({"tokens_per_second": 1.0, "mfu": 0.55, "peak_memory_gib": 74.04}, {}, "out")
-    assert "MFU 55.0%, peak memory 74.0 GiB" in gpu
+    gpu = console.end_summary({"tokens_per_second": 1.0, "mfu": 0.55, "peak_memory_gib": 74.04}, {}, "out", 989.0)
+    assert "MFU 55.0% of 989 TFLOP/s, peak memory 74.0 GiB" in gpu
 
 
 def test_quiet_third_party_is_scoped():

@@ -332,7 +332,7 @@ def _train(config: LoraSFTConfig, plan, tokenizer, tokenized, eval_tokenized, re
     trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
     manifest.write(out, config, plan, tokenized.summary, loaded_model, fingerprint, metrics=metrics)
     card.write_run_report(out)
-    console.logger.info(console.end_summary(metrics, console.last_losses(metrics_path), out))
+    console.logger.info(console.end_summary(metrics, console.last_losses(metrics_path), out, plan.peak_tflops))
     return TrainingResult(output_dir=out, adapter_path=out, metrics_path=metrics_path, config_path=config_path,
                           metrics=metrics, plan=asdict(plan), data_summary=tokenized.summary.to_dict(),
                           model=loaded_model.model, tokenizer=loaded_model.tokenizer, trainer=trainer)

@@ -134,11 +134,12 @@ def start_summary(facts: dict[str, Any]) -> str:
     return "training:\n" + "\n".join("  " + line for line in lines)
 
 
-def end_summary(metrics: dict[str, Any], last_losses: dict[str, float], output_dir: Path) -> str:
+def end_summary(metrics: dict[str, Any], last_losses: dict[str, float], output_dir: Path,
+                peak_tflops: float | None = None) -> str:
     """The block printed when training ends: time, throughput, (GPU) MFU and peak memory, losses, the adapter."""
     speed = f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s"
     if "mfu" in metrics:
-        speed += f", MFU {metrics['mfu']:.1%}"
+        speed += f", MFU {metrics['mfu']:.1%}" + (f" of {peak_tflops:.0f} TFLOP/s" if peak_tflops else "")
     if "peak_memory_gib" in metrics:
         speed += f", peak memory {metrics['peak_memory_gib']:.1f} GiB"
     losses = [f"train loss {metrics['train_loss']:.4f} (mean over the run)"] if "train_loss" in metrics else []

@@ -54,7 +54,6 @@ def run_quickstart(model: str | None = None, output_dir: str = "quickstart-outpu
                    backend: str = "auto") -> int:
     """Train on the bundled data and print the loss curve and a generation. Returns a process exit code."""
     from .api import lora_sft
-
     from .console import quiet_third_party
     from .logs import enable_default_output
 
