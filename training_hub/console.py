@@ -263,7 +263,7 @@ def run_facts(config, plan, loaded_model, summary, output_dir: Path) -> dict[str
                     else "8-bit" if config.load_in_8bit else None)
     return dict(
         model=config.model_path, architecture=architectures[0], backend=plan.backend,
-        device=plan.device.upper() if plan.device == "cpu" else plan.device, dtype=plan.dtype,
+        device={"cpu": "CPU", "cuda": "GPU"}.get(plan.device, plan.device), dtype=plan.dtype,
         quantization=quantization, trainable=loaded_model.trainable_parameters, total=loaded_model.total_parameters,
         lora=dict(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                   targets=loaded_model.target_modules, rslora=config.use_rslora, dora=config.use_dora),
