@@ -7,7 +7,6 @@ falling, and generates with the trained adapter. With `--model` it fine-tunes th
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
@@ -24,15 +23,6 @@ def build_default_model(folder: Path) -> Path:
 
     corpus = [line for line in bundled_dataset().read_text().splitlines()]
     return save_tiny_model(folder, architecture="qwen2", template="chatml", corpus=corpus, hidden_size=256)
-
-
-def loss_curve(metrics_path: Path, width: int = 10) -> str:
-    losses = [(m["step"], m["loss"]) for m in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in m]
-    if not losses:
-        return "no loss was logged"
-    stride = max(1, len(losses) // width)
-    shown = losses[::stride] + ([losses[-1]] if losses[-1] not in losses[::stride] else [])
-    return "  ".join(f"step {s}: {loss:.3f}" for s, loss in shown)
 
 
 def generate(output_dir: Path, question: str) -> str:
@@ -52,7 +42,7 @@ def generate(output_dir: Path, question: str) -> str:
 
 def run_quickstart(model: str | None = None, output_dir: str = "quickstart-output", max_steps: int = 600,
                    backend: str = "auto") -> int:
-    """Train on the bundled data and print the loss curve and a generation. Returns a process exit code."""
+    """Train on the bundled data (the run logs its progress and summaries) and print a generation. Returns an exit code."""
     from .api import lora_sft
     from .console import quiet_third_party
     from .logs import enable_default_output
@@ -73,10 +63,7 @@ def run_quickstart(model: str | None = None, output_dir: str = "quickstart-outpu
         logging_steps=max(1, max_steps // 12),  # a dozen progress lines: the console fits on one screen
         save_steps=max_steps, overwrite_output_dir=True,  # a demo folder: rerunning replaces it
     )
-    print(f"\nloss: {loss_curve(result.metrics_path)}")
-    print(f"trained {result.metrics['global_step']} steps in {result.metrics['train_runtime']:.1f} s "
-          f"({result.metrics['tokens_per_second']:,.0f} tokens/s, backend {result.plan['backend']})")
-    print(f"adapter: {result.adapter_path}")
+    # The loss curve, the throughput and the adapter's place were logged by the run (its end summary, loss.png).
     answer = generate(result.adapter_path, QUESTION)
     print(f"\nuser: {QUESTION}\nassistant (trained adapter): {answer}\n(a question from the training data: the tiny model learns it, it does not generalise)")
     return 0
