@@ -1,4 +1,4 @@
-"""The callbacks every run carries: extra checkpoints by samples seen and at epoch ends."""
+"""Extra checkpoints by samples seen and at epoch ends (training.save_schedule_callback)."""
 
 import pytest
 
