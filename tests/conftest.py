@@ -5,6 +5,10 @@ Everything is built offline in about a second and cached for the whole session.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +48,25 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture
 def greeting_jsonl(tmp_path) -> Path:
     return write_jsonl(tmp_path / "greetings.jsonl", greeting_conversations())
+
+
+@pytest.fixture(scope="session")
+def surface_run(tiny_model_factory, tmp_path_factory):
+    """One tiny training run (5 steps = 1 epoch of 38 rows, an eval split) that exercises what users see: it logs to
+    TensorBoard, wandb (offline) and MLflow (sqlite) at once, saves by samples and at the epoch end, and leaves its
+    console output in "stderr". Shared by the tracker, report and training tests."""
+    tmp = tmp_path_factory.mktemp("surface")
+    out, board, db = tmp / "out", tmp / "tb", tmp / "mlflow.db"
+    data = write_jsonl(tmp / "greetings.jsonl", greeting_conversations())
+    job = dict(model_path=str(tiny_model_factory("qwen2", "chatml")), data_path=str(data), ckpt_output_dir=str(out),
+               backend="peft", num_epochs=1, effective_batch_size=8, eval_split=0.2, eval_steps=2, save_steps=1000,
+               save_samples=16, checkpoint_at_epoch=True, save_total_limit=None, data_output_dir="none",
+               tensorboard_log_dir=str(board), wandb_project="thub-test", wandb_run_name="tiny",
+               mlflow_tracking_uri=f"sqlite:///{db}", mlflow_experiment_name="thub-test", mlflow_run_name="tiny")
+    # wandb's own settings, given to the child process only: no network, the run folder under tmp.
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("e2e_job.py")), json.dumps(job)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    return dict(out=out, board=board, db=db, wandb_dir=tmp / "wandb", metrics=metrics, stderr=proc.stderr)

@@ -10,7 +10,8 @@ from .api import load, lora_sft, prepare_dataset
 from .checkpoints import TrainingStopped
 from .config import ConfigError, LoraSFTConfig
 from .export import merge_adapter
+from .plot import plot_loss
 from .result import TrainingResult
 
 __version__ = "0.1.0"
-__all__ = ["lora_sft", "prepare_dataset", "load", "merge_adapter", "LoraSFTConfig", "ConfigError", "TrainingResult", "TrainingStopped"]
+__all__ = ["lora_sft", "prepare_dataset", "load", "merge_adapter", "plot_loss", "LoraSFTConfig", "ConfigError", "TrainingResult", "TrainingStopped"]

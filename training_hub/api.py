@@ -96,6 +96,7 @@ def lora_sft(
     mlflow_tracking_uri: str | None = None,
     mlflow_experiment_name: str | None = None,
     mlflow_run_name: str | None = None,
+    report_to: list[str] | None = None,
     nproc_per_node: int | Literal["auto", "gpu"] | None = None,
     nnodes: int | None = None,
     node_rank: int | None = None,
@@ -131,8 +132,10 @@ def lora_sft(
             (PiSSA/OLoRA/EVA are not offered: they change the base or need a data pass).
         rank_pattern (dict[str, int] | None, None): per-module rank overrides, PEFT semantics (e.g. {'q_proj': 8}).
         alpha_pattern (dict[str, int] | None, None): per-module alpha overrides, PEFT semantics.
-        loftq_config (dict[str, Any] | None, None): LoftQ initialisation settings. Not supported yet (LoftQ
-            initialisation): only the default is accepted.
+        loftq_config (dict[str, Any] | None, None): LoftQ initialisation settings (refused: see below). Not
+            supported yet (LoftQ initialisation (its adapter is only right with the quantized base it was fitted to,
+            not with the 16-bit base that is saved, merged and served; use load_in_4bit=True)): only the default is
+            accepted.
         lora_adapter (str | None, None): a saved PEFT LoRA adapter folder to continue training from; its r, alpha,
             targets and dropout are used.
         dataset_type ('auto' | 'messages' | 'chat_template' | 'alpaca' | 'sharegpt' | 'prompt_completion' | 'text' |
@@ -191,34 +194,34 @@ def lora_sft(
             training dtype.
         bnb_4bit_use_double_quant (bool, True): quantize the 4-bit quantization constants too.
         max_tokens_per_gpu (int | None, None): token budget per micro batch. Not supported yet (token-budget
-            batching (use micro_batch_size / effective_batch_size)): only the default is accepted.
+            batching (use sample_packing with micro_batch_size: a packed micro batch holds at most micro_batch_size
+            x max_seq_len tokens)): only the default is accepted.
         save_steps (int, 500): checkpoint every N optimizer steps and at the end.
         save_total_limit (int | None, 3): complete checkpoints kept (None: all).
-        logging_steps (int, 1): log (console, training_metrics.jsonl, trackers) every N steps.
+        logging_steps (int, 1): log every N steps: one console line (loss, learning rate, gradient norm, tokens/s,
+            ETA), one training_metrics.jsonl row, the trackers; loss.png and a README.md model card are written at
+            the end.
         overwrite_output_dir (bool, False): replace an earlier run in ckpt_output_dir (not with
             resume_from_checkpoint).
         resume_from_checkpoint (bool | 'auto' | str | None, None): True: continue from the newest complete
             checkpoint; 'auto': that, or start fresh; a path: that checkpoint.
         save_merged (bool, False): also write ckpt_output_dir/merged: the LoRA folded into the 16-bit base.
-        save_samples (int | None, None): save samples during training. Not supported yet (saving samples (the
-            reference never implemented it either)): only the default is accepted.
-        checkpoint_at_epoch (bool | None, None): also checkpoint at the end of every epoch. Not supported yet (per-
-            epoch checkpoints (use save_steps)): only the default is accepted.
-        accelerate_full_state_at_epoch (bool | None, None): save accelerate's full state at every epoch. Not
-            supported yet (per-epoch accelerate state (use save_steps)): only the default is accepted.
-        wandb_project (str | None, None): Weights & Biases project. Not supported yet (Weights & Biases logging):
-            only the default is accepted.
-        wandb_entity (str | None, None): Weights & Biases entity. Not supported yet (Weights & Biases logging): only
-            the default is accepted.
-        wandb_run_name (str | None, None): Weights & Biases run name. Not supported yet (Weights & Biases logging):
-            only the default is accepted.
+        save_samples (int | None, None): also checkpoint each time another N training sequences have been seen (step
+            x effective batch).
+        checkpoint_at_epoch (bool | None, None): also checkpoint at the end of every epoch.
+        accelerate_full_state_at_epoch (bool | None, None): also checkpoint the full training state (adapter,
+            optimizer, scheduler, RNG) at every epoch end.
+        wandb_project (str | None, None): log to Weights & Biases in this project (any wandb_* turns it on; rank 0
+            starts and ends the run; offline mode and the key stay wandb's settings; the wandb extra).
+        wandb_entity (str | None, None): Weights & Biases entity (team or user).
+        wandb_run_name (str | None, None): Weights & Biases run name.
         tensorboard_log_dir (str | None, None): folder for TensorBoard event files (the tensorboard extra).
-        mlflow_tracking_uri (str | None, None): MLflow tracking URI. Not supported yet (MLflow logging): only the
-            default is accepted.
-        mlflow_experiment_name (str | None, None): MLflow experiment. Not supported yet (MLflow logging): only the
-            default is accepted.
-        mlflow_run_name (str | None, None): MLflow run name. Not supported yet (MLflow logging): only the default is
-            accepted.
+        mlflow_tracking_uri (str | None, None): log to MLflow at this URI: a server, or sqlite:///path/mlflow.db
+            (any mlflow_* turns it on; rank 0 starts the run and ends it FINISHED or FAILED; the mlflow extra).
+        mlflow_experiment_name (str | None, None): MLflow experiment (created if missing).
+        mlflow_run_name (str | None, None): MLflow run name.
+        report_to (list[str] | None, None): other transformers logging integrations by name (e.g. ['comet_ml']);
+            wandb, mlflow and tensorboard are set up by their own parameters.
         nproc_per_node (int | 'auto' | 'gpu' | None, None): processes per node: from plain python, N > 1 makes
             lora_sft start N workers itself and return their result; 'auto': every visible GPU (1 on a CPU-only
             machine); 'gpu': every visible GPU; under torchrun it must equal torchrun's (docs/distributed.md).
@@ -235,8 +238,8 @@ def lora_sft(
             several processes (FSDP2 sharding is not enabled yet: docs/distributed.md).
         trust_remote_code (bool, False): allow the model's own Python code to run.
         callbacks (list[Any] | None, None): transformers TrainerCallbacks added to the trainer (Python only).
-        dry_run (bool, False): validate, read and tokenize the data and print the plan; load no model, write
-            nothing.
+        dry_run (bool, False): validate, read and tokenize the data, print the plan and the steps, epochs and tokens
+            the run would take; load no model, write nothing (any ckpt_output_dir will do).
 
     Returns:
         TrainingResult with model, tokenizer, trainer, paths, final metrics, plan and data summary.

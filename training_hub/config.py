@@ -88,7 +88,7 @@ class LoraSFTConfig:
                                                      "(PiSSA/OLoRA/EVA are not offered: they change the base or need a data pass)")
     rank_pattern: dict[str, int] | None = param(None, "per-module rank overrides, PEFT semantics (e.g. {'q_proj': 8})")
     alpha_pattern: dict[str, int] | None = param(None, "per-module alpha overrides, PEFT semantics")
-    loftq_config: dict[str, Any] | None = param(None, "LoftQ initialisation settings")
+    loftq_config: dict[str, Any] | None = param(None, "LoftQ initialisation settings (refused: see below)")
     lora_adapter: str | None = param(None, "a saved PEFT LoRA adapter folder to continue training from; its r, "
                                            "alpha, targets and dropout are used")
 
@@ -154,23 +154,33 @@ class LoraSFTConfig:
     # Saving, resuming, logging.
     save_steps: int = param(500, "checkpoint every N optimizer steps and at the end")
     save_total_limit: int | None = param(3, "complete checkpoints kept (None: all)")
-    logging_steps: int = param(1, "log (console, training_metrics.jsonl, trackers) every N steps")
+    logging_steps: int = param(1, "log every N steps: one console line (loss, learning rate, gradient norm, tokens/s, "
+                                  "ETA), one training_metrics.jsonl row, the trackers; loss.png and a README.md "
+                                  "model card are written at the end")
     overwrite_output_dir: bool = param(False, "replace an earlier run in ckpt_output_dir (not with "
                                               "resume_from_checkpoint)")
     resume_from_checkpoint: bool | Literal["auto"] | str | None = param(
         None, "True: continue from the newest complete checkpoint; 'auto': that, or start fresh; a path: that "
               "checkpoint")
     save_merged: bool = param(False, "also write ckpt_output_dir/merged: the LoRA folded into the 16-bit base")
-    save_samples: int | None = param(None, "save samples during training")
+    save_samples: int | None = param(None, "also checkpoint each time another N training sequences have been seen "
+                                           "(step x effective batch)")
     checkpoint_at_epoch: bool | None = param(None, "also checkpoint at the end of every epoch")
-    accelerate_full_state_at_epoch: bool | None = param(None, "save accelerate's full state at every epoch")
-    wandb_project: str | None = param(None, "Weights & Biases project")
-    wandb_entity: str | None = param(None, "Weights & Biases entity")
+    accelerate_full_state_at_epoch: bool | None = param(None, "also checkpoint the full training state (adapter, "
+                                                              "optimizer, scheduler, RNG) at every epoch end")
+    wandb_project: str | None = param(None, "log to Weights & Biases in this project (any wandb_* turns it on; rank 0 "
+                                            "starts and ends the run; offline mode and the key stay wandb's settings; "
+                                            "the wandb extra)")
+    wandb_entity: str | None = param(None, "Weights & Biases entity (team or user)")
     wandb_run_name: str | None = param(None, "Weights & Biases run name")
     tensorboard_log_dir: str | None = param(None, "folder for TensorBoard event files (the tensorboard extra)")
-    mlflow_tracking_uri: str | None = param(None, "MLflow tracking URI")
-    mlflow_experiment_name: str | None = param(None, "MLflow experiment")
+    mlflow_tracking_uri: str | None = param(None, "log to MLflow at this URI: a server, or sqlite:///path/mlflow.db "
+                                                  "(any mlflow_* turns it on; rank 0 starts the run and ends it FINISHED "
+                                                  "or FAILED; the mlflow extra)")
+    mlflow_experiment_name: str | None = param(None, "MLflow experiment (created if missing)")
     mlflow_run_name: str | None = param(None, "MLflow run name")
+    report_to: list[str] | None = param(None, "other transformers logging integrations by name (e.g. ['comet_ml']); "
+                                              "wandb, mlflow and tensorboard are set up by their own parameters")
 
     # Distributed.
     nproc_per_node: int | Literal["auto", "gpu"] | None = param(
@@ -193,8 +203,8 @@ class LoraSFTConfig:
     # Misc.
     trust_remote_code: bool = param(False, "allow the model's own Python code to run")
     callbacks: list[Any] | None = param(None, "transformers TrainerCallbacks added to the trainer (Python only)")
-    dry_run: bool = param(False, "validate, read and tokenize the data and print the plan; load no model, write "
-                                 "nothing")
+    dry_run: bool = param(False, "validate, read and tokenize the data, print the plan and the steps, epochs and "
+                                 "tokens the run would take; load no model, write nothing (any ckpt_output_dir will do)")
 
     def __post_init__(self) -> None:
         problems = type_problems(self) or value_problems(self)
@@ -225,17 +235,10 @@ PARAMETER_DOCS: dict[str, str] = {f.name: f.metadata["doc"] for f in dataclasses
 # Parameters whose feature is not built yet: any value other than the default is refused with this reason,
 # never silently ignored.
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "loftq_config": "LoftQ initialisation",
-    "save_samples": "saving samples (the reference never implemented it either)",
-    "checkpoint_at_epoch": "per-epoch checkpoints (use save_steps)",
-    "accelerate_full_state_at_epoch": "per-epoch accelerate state (use save_steps)",
-    "max_tokens_per_gpu": "token-budget batching (use micro_batch_size / effective_batch_size)",
-    "wandb_project": "Weights & Biases logging",
-    "wandb_entity": "Weights & Biases logging",
-    "wandb_run_name": "Weights & Biases logging",
-    "mlflow_tracking_uri": "MLflow logging",
-    "mlflow_experiment_name": "MLflow logging",
-    "mlflow_run_name": "MLflow logging",
+    "loftq_config": ("LoftQ initialisation (its adapter is only right with the quantized base it was fitted to, not "
+                     "with the 16-bit base that is saved, merged and served; use load_in_4bit=True)"),
+    "max_tokens_per_gpu": ("token-budget batching (use sample_packing with micro_batch_size: a packed micro batch holds "
+                           "at most micro_batch_size x max_seq_len tokens)"),
 }
 
 
@@ -323,7 +326,8 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         p.append("data_path is empty: give a .jsonl/.json/.parquet/.csv file, a folder, a list of dicts or a Dataset")
     p += _positive(c, ["lora_r", "lora_alpha", "num_epochs", "learning_rate", "save_steps", "logging_steps"])
     p += settings_problems(c.max_seq_len, c.truncation)
-    p += _positive(c, ["max_steps", "effective_batch_size", "gradient_accumulation_steps", "save_total_limit"], allow_none=True)
+    p += _positive(c, ["max_steps", "effective_batch_size", "gradient_accumulation_steps", "save_total_limit",
+                       "save_samples"], allow_none=True)
     p += _positive(c, ["warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"], allow_zero=True)
     p += launch_problems(c, {})  # the launch settings' own values; against a running launch: environment.py
     if c.micro_batch_size is not None and c.micro_batch_size != "auto":

@@ -7,7 +7,6 @@ falling, and generates with the trained adapter. With `--model` it fine-tunes th
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
@@ -24,15 +23,6 @@ def build_default_model(folder: Path) -> Path:
 
     corpus = [line for line in bundled_dataset().read_text().splitlines()]
     return save_tiny_model(folder, architecture="qwen2", template="chatml", corpus=corpus, hidden_size=256)
-
-
-def loss_curve(metrics_path: Path, width: int = 10) -> str:
-    losses = [(m["step"], m["loss"]) for m in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in m]
-    if not losses:
-        return "no loss was logged"
-    stride = max(1, len(losses) // width)
-    shown = losses[::stride] + ([losses[-1]] if losses[-1] not in losses[::stride] else [])
-    return "  ".join(f"step {s}: {loss:.3f}" for s, loss in shown)
 
 
 def generate(output_dir: Path, question: str) -> str:
@@ -52,26 +42,28 @@ def generate(output_dir: Path, question: str) -> str:
 
 def run_quickstart(model: str | None = None, output_dir: str = "quickstart-output", max_steps: int = 600,
                    backend: str = "auto") -> int:
-    """Train on the bundled data and print the loss curve and a generation. Returns a process exit code."""
+    """Train on the bundled data (the run logs its progress and summaries) and print a generation. Returns an exit code."""
     from .api import lora_sft
+    from .console import quiet_third_party
+    from .logs import enable_default_output
 
+    enable_default_output()  # before Unsloth's import configures the root logger (logging.basicConfig at WARNING)
     out = Path(output_dir)
     if backend != "peft":
         from .models.unsloth import import_unsloth
 
-        import_unsloth()  # before the tiny-model builder imports transformers, so Unsloth's patches apply
+        with quiet_third_party():
+            import_unsloth()  # before the tiny-model builder imports transformers, so Unsloth's patches apply
     model_path = model or str(build_default_model(out / "base-model"))
     print(f"quickstart: model {model_path}, data {bundled_dataset()}, output {out / 'adapter'}")
     result = lora_sft(
         model_path=model_path, data_path=str(bundled_dataset()), ckpt_output_dir=str(out / "adapter"),
         backend=backend, max_steps=max_steps, learning_rate=2e-3 if model is None else 2e-4, lora_r=16,
-        lora_alpha=32, effective_batch_size=8, warmup_steps=10, max_seq_len=256, logging_steps=10,
+        lora_alpha=32, effective_batch_size=8, warmup_steps=10, max_seq_len=256,
+        logging_steps=max(1, max_steps // 12),  # a dozen progress lines: the console fits on one screen
         save_steps=max_steps, overwrite_output_dir=True,  # a demo folder: rerunning replaces it
     )
-    print(f"\nloss: {loss_curve(result.metrics_path)}")
-    print(f"trained {result.metrics['global_step']} steps in {result.metrics['train_runtime']:.1f} s "
-          f"({result.metrics['tokens_per_second']:,.0f} tokens/s, backend {result.plan['backend']})")
-    print(f"adapter: {result.adapter_path}")
+    # The loss curve, the throughput and the adapter's place were logged by the run (its end summary, loss.png).
     answer = generate(result.adapter_path, QUESTION)
     print(f"\nuser: {QUESTION}\nassistant (trained adapter): {answer}\n(a question from the training data: the tiny model learns it, it does not generalise)")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, LoraSFTConfig
+from .console import quiet_third_party
 from .result import TrainingResult
 
 logger = logging.getLogger("training_hub")
@@ -44,9 +45,10 @@ class Trained:
     metrics: dict[str, Any]
 
 
+@quiet_third_party()
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import distributed, logs, outputs, preflight
+    from . import console, distributed, logs, outputs, preflight
     from .models.adapters import with_adapter_settings
 
     logs.enable_default_output()
@@ -62,7 +64,7 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     preflight.check(config, prepared.tokenizer, prepared.plan, prepared.train.summary, resume.checkpoint)
     raise_problems(resume.data_problems(prepared.fingerprint))
     if config.dry_run:
-        logger.info("dry run: nothing trained, nothing written")
+        logger.info(console.dry_run_summary(config, prepared.plan, prepared.train.summary))
         return outputs.result(out, prepared.plan, prepared.train.summary)
     if resume.reached(config.max_steps):
         return finish_from_checkpoint(config, prepared, resume.checkpoint, out)
@@ -173,23 +175,28 @@ def load_model(config: LoraSFTConfig, prepared: Prepared):
 
 def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -> Trained:
     """Train to the end (or raise TrainingStopped), writing checkpoints, metrics and the manifest into `out`."""
-    from . import checkpoints, distributed, manifest, outputs, tracking, training
+    from . import checkpoints, console, distributed, manifest, outputs, tracking, training
 
     resume.prepare_output(out)
     manifest.write(out, config, prepared.plan, prepared.train.summary, model, prepared.fingerprint)
     stop = checkpoints.StopRequest()
     guard = checkpoints.guard_callback(out, stop, config.to_dict(), prepared.fingerprint, config.save_total_limit,
                                        loss_scaler=prepared.plan.dtype == "float16")
-    callbacks = [training.metrics_callback(out / outputs.METRICS_FILE), guard, outputs.discard_replaced_callback(out),
+    schedule = training.save_schedule_callback(config.save_samples, prepared.plan.effective_batch_size,
+                                               bool(config.checkpoint_at_epoch or config.accelerate_full_state_at_epoch))
+    callbacks = [training.metrics_callback(out / outputs.METRICS_FILE, resumed=resume.checkpoint is not None),
+                 *([schedule] if schedule else []), guard, outputs.discard_replaced_callback(out),
                  *tracking.tracker_callbacks(config), *(config.callbacks or [])]
     eval_dataset = prepared.eval.dataset if prepared.eval is not None else None
     trainer = training.build_trainer(model.model, model.tokenizer, prepared.train.dataset, eval_dataset, config,
                                      prepared.plan, out, callbacks)
+    console.replace_progress_callbacks(trainer, console.console_callback(
+        console.run_facts(config, prepared.plan, model, prepared.train.summary, out)))
     tokens_before = resume.tokens_seen()
     if resume.checkpoint is not None and prepared.plan.world_size > 1 and prepared.plan.device == "cpu":
         distributed.allow_indexed_cpu_map_location()  # transformers loads the optimizer with map_location="cpu:0"
-    with (checkpoints.stop_on_signals(stop), training.sdpa_backends(prepared.plan.sdpa_backends),
-          checkpoints.disk_full_errors(out)):
+    with (tracking.tracker_runs(config), checkpoints.stop_on_signals(stop),
+          training.sdpa_backends(prepared.plan.sdpa_backends), checkpoints.disk_full_errors(out)):
         output = trainer.train(resume_from_checkpoint=resume.trainer_argument)
     message = checkpoints.stopped_message(stop, out, config.learning_rate, prepared.plan.dtype)
     if message is not None:
@@ -202,7 +209,7 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
 
 def save(config: LoraSFTConfig, prepared: Prepared, model, trained: Trained, out: Path) -> TrainingResult:
     """The final adapter and tokenizer, the merged model on request, and the manifest with the final metrics."""
-    from . import checkpoints, manifest, outputs
+    from . import card, checkpoints, console, manifest, outputs
 
     with checkpoints.disk_full_errors(out):
         outputs.save_adapter(trained.trainer.model, model.tokenizer, out, trained.metrics.get("global_step"))
@@ -211,7 +218,9 @@ def save(config: LoraSFTConfig, prepared: Prepared, model, trained: Trained, out
         outputs.save_merged(config.model_path, out, merged_dtype(prepared.plan), config.trust_remote_code)
     trained.trainer.accelerator.wait_for_everyone()  # other ranks must not exit while rank 0 is still saving
     manifest.write(out, config, prepared.plan, prepared.train.summary, model, prepared.fingerprint, trained.metrics)
-    logger.info(done_line(trained.metrics, prepared.plan, out))
+    card.write_run_report(out)
+    logger.info(console.end_summary(trained.metrics, console.last_losses(out / outputs.METRICS_FILE), out,
+                                    prepared.plan.peak_tflops))
     return outputs.result(out, prepared.plan, prepared.train.summary, trained.metrics, model.model, model.tokenizer,
                           trained.trainer)
 
@@ -219,7 +228,7 @@ def save(config: LoraSFTConfig, prepared: Prepared, model, trained: Trained, out
 def finish_from_checkpoint(config: LoraSFTConfig, prepared: Prepared, checkpoint: Path, out: Path) -> TrainingResult:
     """A resume whose checkpoint already reached max_steps: nothing to train (the Trainer would run one more step);
     the final adapter is the checkpoint's (e.g. the run was stopped after its last checkpoint, before the end)."""
-    from . import checkpoints, outputs
+    from . import card, checkpoints, outputs
     from .hardware import is_main_process
 
     step = checkpoints.checkpoint_step(checkpoint)
@@ -227,6 +236,7 @@ def finish_from_checkpoint(config: LoraSFTConfig, prepared: Prepared, checkpoint
                 f"the final adapter is {checkpoint.name}'s")
     if is_main_process():
         checkpoints.copy_adapter(checkpoint, out, step)
+        card.write_run_report(out)
         if config.save_merged:
             outputs.save_merged(config.model_path, out, merged_dtype(prepared.plan), config.trust_remote_code)
     return outputs.result(out, prepared.plan, prepared.train.summary, {"global_step": step})
@@ -235,10 +245,3 @@ def finish_from_checkpoint(config: LoraSFTConfig, prepared: Prepared, checkpoint
 def merged_dtype(plan) -> str:
     """A merged model is 16-bit: float16 for fp16 runs, else bfloat16."""
     return "float16" if plan.dtype == "float16" else "bfloat16"
-
-
-def done_line(metrics: dict[str, Any], plan, out: Path) -> str:
-    mfu = f", MFU {metrics['mfu']:.1%} of {plan.peak_tflops:.0f} TFLOP/s" if "mfu" in metrics else ""
-    memory = f", peak {metrics['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in metrics else ""
-    return (f"done: {metrics.get('global_step')} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
-            f"{metrics.get('tokens_per_second', 0):,.0f} tokens/s{mfu}{memory}; adapter in {out}")

@@ -27,7 +27,8 @@ logger = logging.getLogger("training_hub")
 # Settings that may differ between a run and its resumption: length, saving, logging, and where things are
 # read from (the data itself is compared by fingerprint).
 MAY_CHANGE_ON_RESUME = frozenset({
-    "max_steps", "num_epochs", "save_steps", "save_total_limit", "logging_steps", "save_merged",
+    "max_steps", "num_epochs", "save_steps", "save_total_limit", "logging_steps", "save_merged", "save_samples",
+    "checkpoint_at_epoch", "accelerate_full_state_at_epoch", "report_to",
     "resume_from_checkpoint", "overwrite_output_dir", "callbacks", "dry_run", "data_path", "data_output_dir",
     "dataloader_num_workers", "eval_data_path", "wandb_project", "wandb_entity", "wandb_run_name", "tensorboard_log_dir",
     "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name",

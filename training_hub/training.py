@@ -125,9 +125,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def metrics_callback(path: Path):
-    """A TrainerCallback writing one JSON object per logging step to `path`, flushed live (rank 0 only)."""
+def metrics_callback(path: Path, resumed: bool = False):
+    """A TrainerCallback writing one JSON object per logging step to `path`, flushed live (rank 0 only).
+
+    After a resume the Trainer's end-of-run `train_loss` averages only the steps of this process over all the
+    run's steps; the summary line gets the whole run's mean from the file instead (the figure run_config.json
+    holds too)."""
     from transformers import TrainerCallback
+
+    from .checkpoints import resumed_train_loss
 
     class MetricsFileCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -135,6 +141,8 @@ def metrics_callback(path: Path):
                 return
             entry = {"step": state.global_step, "epoch": _jsonable(state.epoch)}
             entry.update({k: _jsonable(v) for k, v in logs.items()})
+            if resumed and "train_loss" in entry:
+                entry["train_loss"] = resumed_train_loss(path) or entry["train_loss"]
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
 
@@ -170,3 +178,25 @@ def final_metrics(train_metrics: dict[str, Any], state, plan: RunPlan, resumed_m
 
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return metrics
+
+
+def save_schedule_callback(save_samples: int | None, effective_batch_size: int, at_epoch_end: bool):
+    """A TrainerCallback asking for extra checkpoints (the public training-hub's settings), or None when none are
+    asked for: one each time another `save_samples` training sequences have been seen (step x effective batch),
+    and one at the end of every epoch when `at_epoch_end`. They add to `save_steps`' checkpoints and are ordinary
+    complete checkpoints (adapter, optimizer, scheduler, RNG: enough to resume), rotated by `save_total_limit`."""
+    if save_samples is None and not at_epoch_end:
+        return None
+    from transformers import TrainerCallback
+
+    class SaveSchedule(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if save_samples and step * effective_batch_size // save_samples > (step - 1) * effective_batch_size // save_samples:
+                control.should_save = True
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if at_epoch_end:
+                control.should_save = True
+
+    return SaveSchedule()
