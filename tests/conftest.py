@@ -9,10 +9,12 @@ import json
 import os
 import subprocess
 import sys
+import logging
 from pathlib import Path
 
 import pytest
 
+from jobs import metric_rows
 from sample_data import NAMES, greeting_conversations, write_jsonl
 from training_hub.tiny import build_tokenizer, save_tiny_model
 
@@ -68,5 +70,18 @@ def surface_run(tiny_model_factory, tmp_path_factory):
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("e2e_job.py")), json.dumps(job)],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    metrics = metric_rows(out)
     return dict(out=out, board=board, db=db, wandb_dir=tmp / "wandb", metrics=metrics, stderr=proc.stderr)
+
+
+@pytest.fixture
+def caplog(caplog):
+    """pytest's caplog, attached to the "training_hub" logger itself: once lora_sft has given that logger its own
+    stderr handler, its records no longer propagate to the root, where caplog listens."""
+    logger = logging.getLogger("training_hub")
+    propagate = logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.propagate = False  # each record reaches caplog once
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate

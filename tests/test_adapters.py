@@ -1,16 +1,14 @@
 """Starting from an existing adapter (lora_adapter=PATH): its shape is used, conflicts are errors, weights carry over."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from jobs import losses, run_job
 from training_hub import ConfigError, LoraSFTConfig
 from training_hub.models.adapters import with_adapter_settings
 
-JOB = Path(__file__).with_name("e2e_job.py")
 
 
 def fake_adapter(folder: Path, **overrides) -> Path:
@@ -50,13 +48,8 @@ def test_not_an_adapter(tmp_path):
         with_adapter_settings(config(tmp_path, lora_adapter=str(prefix)))
 
 
-def job(**kwargs) -> None:
-    proc = subprocess.run([sys.executable, str(JOB), json.dumps(kwargs)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 def first_loss(out: Path) -> float:
-    return next(json.loads(line)["loss"] for line in (out / "training_metrics.jsonl").read_text().splitlines())
+    return losses(out)[0]
 
 
 @pytest.mark.slow
@@ -67,10 +60,10 @@ def test_training_continues_from_the_adapters_weights(backend, tiny_model_factor
     base = tiny_model_factory("qwen2", "chatml")
     common = dict(model_path=str(base), data_path=str(greeting_jsonl), save_steps=1000, data_output_dir="none", warmup_steps=0)
     first, second = tmp_path / "first", tmp_path / "second"
-    job(**common, ckpt_output_dir=str(first), backend="peft", lora_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    run_job(**common, ckpt_output_dir=str(first), backend="peft", lora_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
         max_steps=20, learning_rate=1e-2)
     # one step with a negligible learning rate: the saved adapter must be the one we started from
-    job(**common, ckpt_output_dir=str(second), backend=backend, lora_adapter=str(first), max_steps=1, learning_rate=1e-12)
+    run_job(**common, ckpt_output_dir=str(second), backend=backend, lora_adapter=str(first), max_steps=1, learning_rate=1e-12)
     adapter = json.loads((second / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     before, after = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs import JOB, metric_rows, run_job
 from training_hub import checkpoints, load, lora_sft
 from training_hub.config import ConfigError, LoraSFTConfig
 from training_hub.outputs import FINAL_MARKER, folder_problems
 from training_hub.resume import find_resume, set_aside
 
-JOB = Path(__file__).with_name("e2e_job.py")
 
 
 def fake_checkpoint(out: Path, step: int, complete: bool = True, config: dict | None = None) -> Path:
@@ -193,17 +193,6 @@ def test_signal_handlers_are_scoped():
 
 # ---- end to end, in subprocesses ---------------------------------------------------------------------------
 
-def job(expect_ok: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(JOB), json.dumps(kwargs)], capture_output=True, text=True, timeout=600)
-    if expect_ok:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def metric_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
-
-
 def step_losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in metric_rows(out) if "loss" in r]
 
@@ -230,22 +219,22 @@ def test_kill_and_resume_equals_the_uninterrupted_run(backend, tiny_model_factor
     base = tiny_model_factory("qwen2", "chatml")
     settings = run_settings(base, greeting_jsonl, backend)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    job(**settings, ckpt_output_dir=str(whole))
+    run_job(**settings, ckpt_output_dir=str(whole))
     assert sorted(p.name for p in whole.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]  # limit 2
     assert all(checkpoints.is_complete(p) for p in whole.glob("checkpoint-*"))
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), whole / "checkpoint-6")  # loads alone
 
-    proc = job(expect_ok=False, **settings, ckpt_output_dir=str(killed), _kill_after_save_step=3)
+    proc = run_job(expect_ok=False, **settings, ckpt_output_dir=str(killed), _kill_after_save_step=3)
     assert proc.returncode == -signal.SIGKILL
     assert checkpoints.is_complete(killed / "checkpoint-3") and not (killed / "adapter_model.safetensors").exists()
     half = killed / "checkpoint-6"  # a save cut short by a kill: no marker, truncated weights
     shutil.copytree(killed / "checkpoint-3", half)
     (half / checkpoints.COMPLETE_MARKER).unlink()
     (half / "adapter_model.safetensors").write_bytes(b"\0" * 10)
-    refused = job(expect_ok=False, **settings, ckpt_output_dir=str(killed))
+    refused = run_job(expect_ok=False, **settings, ckpt_output_dir=str(killed))
     assert refused.returncode != 0 and "already holds a run" in refused.stderr
 
-    resumed = job(**settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
+    resumed = run_job(**settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
     assert "set aside checkpoint-6 (incomplete" in resumed.stderr
     assert step_losses(killed) == step_losses(whole)  # same steps, no duplicates, same values
     a, b = adapter_weights(whole), adapter_weights(killed)
@@ -258,7 +247,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(backend, tiny_model_factor
     (killed / "adapter_model.safetensors").unlink()
     with pytest.raises(ValueError, match="no complete final adapter"):
         load(killed)
-    again = job(**settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
+    again = run_job(**settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
     assert "nothing to train" in again.stderr
     assert (killed / "adapter_model.safetensors").read_bytes() == final and (killed / FINAL_MARKER).exists()
     assert step_losses(killed) == step_losses(whole)
@@ -289,7 +278,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_factory, gre
     assert checkpoints.is_complete(saved) and step >= 3
     assert not (out / "adapter_model.safetensors").exists()  # no "final" adapter for an unfinished run
 
-    job(**dict(settings, max_steps=step + 2), resume_from_checkpoint=True)
+    run_job(**dict(settings, max_steps=step + 2), resume_from_checkpoint=True)
     steps = [s for s, _ in step_losses(out)]
     assert steps == list(range(1, step + 3))  # continued without gaps or duplicates
     assert (out / "adapter_model.safetensors").exists()
@@ -299,7 +288,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_factory, gre
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_factory, greeting_jsonl, tmp_path):
     base = tiny_model_factory("qwen2", "chatml")
     out = tmp_path / "out"
-    proc = job(expect_ok=False, model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out),
+    proc = run_job(expect_ok=False, model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out),
                backend="peft", lora_r=4, max_steps=20, save_steps=2, learning_rate=1e-3, data_output_dir="none",
                _nan_from_step=6)
     assert proc.returncode != 0
@@ -317,21 +306,21 @@ def test_zero_gradients_stop_the_run_a_damaged_checkpoint_is_named_and_a_torn_me
     out = tmp_path / "out"
     settings = dict(model_path=str(base), data_path=str(greeting_jsonl), ckpt_output_dir=str(out), backend="peft",
                     lora_r=4, max_steps=12, save_steps=2, data_output_dir="none")
-    proc = job(expect_ok=False, **settings, _zero_input_from_step=3)
+    proc = run_job(expect_ok=False, **settings, _zero_input_from_step=3)
     assert "Training diverged: the gradient norm was exactly 0 for 5 logged steps in a row up to step 7" in proc.stderr
     assert "checkpoint-6" in proc.stderr and not (out / "adapter_model.safetensors").exists()
     assert [row["grad_norm"] for row in metric_rows(out) if "grad_norm" in row][2:] == [0.0] * 5
     optimizer = out / "checkpoint-6" / "optimizer.pt"
     whole = optimizer.read_bytes()
     optimizer.write_bytes(whole[:-500])  # a damaged file in a complete checkpoint: named before the model loads
-    refused = job(expect_ok=False, **settings, resume_from_checkpoint=True)
+    refused = run_job(expect_ok=False, **settings, resume_from_checkpoint=True)
     assert f"resume_from_checkpoint: {optimizer} is damaged (not a whole torch file" in refused.stderr
     assert f"resume_from_checkpoint={str(out / 'checkpoint-4')!r}" in refused.stderr
     assert len(optimizer.read_bytes()) == len(whole) - 500 and "Loading weights" not in refused.stderr
     optimizer.write_bytes(whole)
     metrics = out / "training_metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 8, "loss": 6.09')  # as if killed mid-write
-    resumed = job(**settings, resume_from_checkpoint=True)
+    resumed = run_job(**settings, resume_from_checkpoint=True)
     assert f"{metrics}:9 was cut off" in resumed.stderr
     assert "Loading weights" in resumed.stderr  # what the refused attempt must not have printed
     assert [row["step"] for row in metric_rows(out) if "loss" in row] == list(range(1, 13))

@@ -126,8 +126,10 @@ def test_bad_flags_give_one_line_each_and_exit_2(capsys):
     assert errors(capsys, "lora-sft", *REQUIRED, "--lora-r", "0") == [
         "training-hub: error: lora_r=0: must be a number > 0"]
     assert errors(capsys, "lora-sft", "--lora-r") == ["training-hub: error: argument --lora-r: expected one argument"]
-    assert errors(capsys, "lora-sft", *REQUIRED, "--wandb-project", "p") == [
-        "training-hub: error: wandb_project='p': Weights & Biases logging is not supported yet; leave it at None"]
+    assert errors(capsys, "lora-sft", *REQUIRED, "--max-tokens-per-gpu", "4096") == [
+        "training-hub: error: max_tokens_per_gpu=4096: token-budget batching (use sample_packing with "
+        "micro_batch_size: a packed micro batch holds at most micro_batch_size x max_seq_len tokens) is not "
+        "supported yet; leave it at None"]
     assert len(errors(capsys, "fine-tune")) == 1
 
 
@@ -139,7 +141,7 @@ def test_help_lines_come_from_the_parameter_reference(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "LoRA: --lora-r N " + cli_help("lora_r") in text
     assert "--backend {auto,unsloth,peft}" in text and "--micro-batch-size {N,auto}" in text
-    assert "Not supported yet (LoftQ initialisation)" in text and "--lora_r N" not in text
+    assert "Not supported yet (LoftQ initialisation" in text and "--lora_r N" not in text
 
 
 def test_the_model_hub_unreachable_is_one_line():

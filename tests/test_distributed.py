@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs import metric_rows
 from training_hub import checkpoints, distributed
 from training_hub.config import ConfigError, LoraSFTConfig
 from training_hub.resume import find_resume
@@ -217,7 +218,7 @@ def alive(pid_file: Path) -> list[int]:
 
 
 def step_losses(out: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs import metric_rows
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 STEPS = ["--max-steps", "4", "--backend", "peft"]
 
@@ -22,7 +24,7 @@ def run(command: list[str], tmp_path: Path, **env) -> str:
 
 def adapter_trained(adapter: Path, steps: int) -> None:
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "loss.png").is_file()
-    rows = [json.loads(line) for line in (adapter / "training_metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(adapter)
     assert max(r["step"] for r in rows) == steps
 
 

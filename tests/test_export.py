@@ -1,17 +1,15 @@
 """Merged export: merged logits equal base + adapter; QLoRA merges into the 16-bit base; the output is never half-written."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from jobs import run_job
 from training_hub import merge_adapter
 from training_hub.export import vllm_warnings
 
-JOB = Path(__file__).with_name("e2e_job.py")
 
 
 def make_adapter(base: Path, out: Path, seed: int = 0, **lora) -> Path:
@@ -71,12 +69,6 @@ def test_vllm_warnings():
     assert vllm_warnings({"use_dora": False, "modules_to_save": None}) == []
     assert "DoRA" in vllm_warnings({"use_dora": True})[0]
     assert "modules_to_save" in vllm_warnings({"modules_to_save": ["lm_head"]})[0]
-
-
-def run_job(**kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(JOB), json.dumps(kwargs)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 @pytest.mark.slow

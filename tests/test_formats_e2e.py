@@ -1,11 +1,10 @@
 """Every data format trains end to end from a .jsonl file with no dataset_type given; bad data writes nothing."""
 
-import json
 
 import pytest
 
 from sample_data import write_jsonl
-from test_train_e2e import losses, train
+from jobs import losses, metric_rows, train
 
 from training_hub import lora_sft
 from training_hub.data import DataError
@@ -47,7 +46,7 @@ def test_each_format_trains_from_jsonl_without_dataset_type(fmt, tiny_model_fact
     assert summary["data_summary"]["rows_out"] == (12 if fmt == "alpaca" else 16)
     assert len(losses(tmp_path / "out")) == 4
     if fmt in ("messages", "alpaca"):
-        rows = [json.loads(line) for line in (tmp_path / "out" / "training_metrics.jsonl").read_text().splitlines()]
+        rows = metric_rows(tmp_path / "out")
         assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sample_data import greeting_conversations, write_jsonl
-from test_train_e2e import losses, train
+from jobs import losses, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -98,15 +98,14 @@ def check_adapter_and_generate(out: Path, base: Path, device: str | None = None)
     assert generated.shape[1] == prompt_length + 8, generated.shape
     text = tokenizer.decode(generated[0, prompt_length:])
     del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     return text
 
 
 def report(test: str, summary: dict, curve: list[float], generated: str) -> None:
     metrics, plan = summary["metrics"], summary["plan"]
     print("\n" + json.dumps({
-        "test": test, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "test": test, "gpu": torch.cuda.get_device_name(),
         "tokens_per_s": metrics.get("tokens_per_second"), "peak_memory_gib": metrics.get("peak_memory_gib"),
         "train_runtime_s": metrics.get("train_runtime"), "steps": metrics.get("global_step"),
         "loss_first": curve[0], "loss_last": curve[-1],

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from jobs import run_job
 from training_hub import ConfigError, LoraSFTConfig, lora_sft
 from training_hub import outputs
 from training_hub.outputs import FINAL_MARKER, LOCK_FILE, folder_problems
 
-JOB = Path(__file__).with_name("e2e_job.py")
 
 
 def config(out: Path, **kwargs) -> LoraSFTConfig:
@@ -101,8 +101,7 @@ def test_overwrite_keeps_the_users_files_and_replaces_the_run(tiny_model_factory
     settings = dict(model_path=str(tiny_model_factory("qwen2", "chatml")), data_path=str(greeting_jsonl),
                     ckpt_output_dir=str(out), backend="peft", max_steps=2, save_steps=1, effective_batch_size=8,
                     data_output_dir="none", overwrite_output_dir=True)
-    proc = subprocess.run([sys.executable, str(JOB), json.dumps(settings)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_job(**settings)
     names = {p.name for p in out.iterdir()}
     assert "notes.txt" in names and FINAL_MARKER in names and LOCK_FILE not in names
     assert not any(n.startswith(outputs.REPLACED_PREFIX) for n in names) and "checkpoint-4" not in names

@@ -2,16 +2,14 @@
 train_loss after a resume, the same in the metrics file and in run_config.json."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from jobs import metric_rows, run_job
 from training_hub import plot_loss
 from training_hub.card import model_card
 
-JOB = Path(__file__).with_name("e2e_job.py")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -82,13 +80,10 @@ def test_resumed_run_reports_one_train_loss_everywhere(tiny_model_factory, greet
     job = dict(model_path=str(tiny_model_factory("qwen2", "chatml")), data_path=str(greeting_jsonl),
                ckpt_output_dir=str(out), backend="peft", max_steps=4, effective_batch_size=8, save_steps=2,
                learning_rate=1e-3, data_output_dir="none")
-    first = subprocess.run([sys.executable, str(JOB), json.dumps({**job, "_kill_after_save_step": 2})],
-                           capture_output=True, text=True, timeout=600)
+    first = run_job(expect_ok=False, **job, _kill_after_save_step=2)
     assert first.returncode != 0 and (out / "checkpoint-2").is_dir()
-    second = subprocess.run([sys.executable, str(JOB), json.dumps({**job, "resume_from_checkpoint": True})],
-                            capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-4000:]
-    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    run_job(**job, resume_from_checkpoint=True)
+    rows = metric_rows(out)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     whole_run = sum(losses) / 4

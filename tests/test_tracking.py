@@ -1,7 +1,5 @@
 """TensorBoard logging (a writer we create, handed to transformers' callback), and the checks before training."""
 
-from pathlib import Path
-
 import pytest
 
 from training_hub import ConfigError, lora_sft

@@ -9,19 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-JOB = Path(__file__).with_name("e2e_job.py")
+from jobs import JOB, losses, metric_rows, train
+
 pytestmark = pytest.mark.slow
-
-
-def train(**kwargs) -> dict:
-    proc = subprocess.run([sys.executable, str(JOB), json.dumps(kwargs)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def losses(out: Path) -> list[float]:
-    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def check_adapter(out: Path, base: Path, r: int = 8):
@@ -101,7 +91,7 @@ def test_torchrun_two_processes(backend, tiny_model_factory, greeting_jsonl, tmp
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["plan"]["world_size"] == 2 and summary["plan"]["micro_batch_size"] == 4
-    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6], "metrics written by more than one rank"
     assert sum("train_loss" in r for r in rows) == 1
     check_adapter(out, base, r=16)

@@ -19,7 +19,6 @@ from .data.schema import DatasetType
 from .data.schema import TruncationMode as Truncation
 from .data.settings import settings_problems
 from .distributed import launch_problems
-from .distributed import launch_problems
 
 Backend = Literal["auto", "unsloth", "peft"]
 GradientCheckpointing = Union[bool, Literal["auto", "offload"]]

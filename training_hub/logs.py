@@ -23,18 +23,19 @@ class MainProcessOnly(logging.Filter):
 
 
 def enable_default_output() -> None:
-    """Show the library's lines on stderr when the application has not configured logging itself.
+    """Show the library's lines on stderr, as transformers does for its own logger: a stderr handler on the
+    "training_hub" logger (never on the root) unless it has one already, not propagated to the root, at INFO
+    unless a level was set. Safe to call repeatedly.
 
-    Like transformers' own logger: a handler is added to the "training_hub" logger (never to the root) only
-    when neither it nor the root logger has one, and its level is set to INFO only when nobody set it.
-    Safe to call repeatedly."""
+    The root logger's handlers are not relied on: `import unsloth` calls `logging.basicConfig(level=WARNING)`,
+    which would otherwise hide every progress line. To route the lines elsewhere, add a handler to this logger."""
     if not any(isinstance(f, MainProcessOnly) for f in logger.filters):
         logger.addFilter(MainProcessOnly())
-    if logger.handlers or logging.getLogger().handlers:
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if logger.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("training_hub: %(message)s"))
     logger.addHandler(handler)
-    logger.propagate = False  # the handler above prints it; a root handler added later would print it twice
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
+    logger.propagate = False  # the handler above prints it; a root handler would print it twice

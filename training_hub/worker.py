@@ -9,7 +9,6 @@ launcher reads, so the caller gets this rank's message.
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 import sys
 from pathlib import Path
@@ -19,12 +18,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 def _show_progress(level: int) -> None:
     """This process is an entry point like the CLI: show the library's log lines at the caller's level."""
-    log = logging.getLogger("training_hub")
-    log.setLevel(level)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("training_hub: %(message)s"))
-        log.addHandler(handler)
+    from .logs import enable_default_output, logger
+
+    logger.setLevel(level)
+    enable_default_output()
 
 
 def load_callbacks(path: str | None, backend: str) -> list:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from training_hub.data.encoding import Encoder
 from training_hub.tiny import build_tokenizer

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from sample_data import NAMES, write_jsonl
-from test_train_e2e import losses, train
+from jobs import losses, train
 from tool_templates import HERMES_TEMPLATE, TOOL_CHAT
 
 from training_hub import lora_sft, prepare_dataset
