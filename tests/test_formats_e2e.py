@@ -1,6 +1,5 @@
 """Every data format trains end to end from a .jsonl file with no dataset_type given; bad data writes nothing."""
 
-
 import pytest
 
 from sample_data import write_jsonl
