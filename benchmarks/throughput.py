@@ -88,8 +88,8 @@ ROW_TITLES = {
     "lowmem": "(lowmem) lora_sft QLoRA, offload, mb 1",
 }
 
-# Lever rows: row a (or c) with one thing changed, each in its own process like every row (issue 5 asks for each
-# lever to be measured, not assumed). `env` is set before Unsloth is imported (these are Unsloth's own switches);
+# Lever rows: row a (or c) with one thing changed, each in its own process like every row: each
+# lever is measured, not assumed. `env` is set before Unsloth is imported (these are Unsloth's own switches);
 # `plan_constants` replace one of plan.py's rules; `sdpa_backends` scope torch's SDPA choice for row (c).
 LEVERS = {
     # (a) on Unsloth: the default for packed 16-bit LoRA until the FlexAttention route measured faster.
@@ -139,7 +139,7 @@ GOAL_TEXT = {
 # FLOPs and MFU
 # --------------------------------------------------------------------------------------------------------
 
-# Model FLOPs per trained token (DECISIONS 16) come from training_hub.plan.ModelShape.flops_per_token, the same
+# Model FLOPs per trained token come from training_hub.plan.ModelShape.flops_per_token, the same
 # formula every training run prints its MFU with:
 #
 #     FLOPs/token = k * N + k * (2 * n_layers * ctx * hidden)
