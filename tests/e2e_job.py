@@ -6,6 +6,8 @@ Usage: python tests/e2e_job.py '{"model_path": ..., "data_path": ..., "ckpt_outp
 
 Test-only keys (popped before lora_sft is called; each becomes a callback):
     "_kill_after_save_step": k   SIGKILL this process right after checkpoint-k is saved (and marked complete).
+    "_kill_in_phase": name       with _kill_after_save_step: only in that phase of a two-phase run ("pre_lora":
+                                 the trainer writing into ckpt_output_dir/pre_lora, "lora": the other one).
     "_nan_from_step": k          make the loss NaN from optimizer step k on (an output hook on the embeddings).
     "_zero_input_from_step": k   multiply the embeddings' output by 0 from step k on: with a bias-free architecture
                                  (llama) every LoRA gradient is then exactly 0.
@@ -19,6 +21,7 @@ import sys
 
 def test_callbacks(kwargs: dict) -> list:
     kill_step = kwargs.pop("_kill_after_save_step", None)
+    kill_phase = kwargs.pop("_kill_in_phase", None)
     nan_step = kwargs.pop("_nan_from_step", None)
     zero_step = kwargs.pop("_zero_input_from_step", None)
     if kill_step is None and nan_step is None and zero_step is None:
@@ -33,7 +36,8 @@ def test_callbacks(kwargs: dict) -> list:
     if kill_step is not None:
         class KillAfterSave(TrainerCallback):
             def on_save(self, args, state, control, **kw):
-                if state.global_step == kill_step:
+                phase = "pre_lora" if os.path.basename(os.path.normpath(args.output_dir)) == "pre_lora" else "lora"
+                if state.global_step == kill_step and kill_phase in (None, phase):
                     os.kill(os.getpid(), signal.SIGKILL)
 
         callbacks.append(KillAfterSave())

@@ -57,6 +57,10 @@ def lora_sft(
     eval_data_path: Any = None,
     eval_steps: int | None = None,
     eval_split: float | None = None,
+    pre_lora_data_path: Any = None,
+    pre_lora_max_steps: int | None = None,
+    pre_lora_num_epochs: int = 1,
+    pre_lora_learning_rate: float = 2e-5,
     num_epochs: int = 3,
     max_steps: int | None = None,
     effective_batch_size: int | None = None,
@@ -160,6 +164,13 @@ def lora_sft(
         eval_steps (int | None, None): evaluate every N steps; None: once per epoch (needs eval_data_path or
             eval_split).
         eval_split (float | None, None): hold out this share of the training rows, in (0, 1), for evaluation.
+        pre_lora_data_path (Any, None): phase 1's data (text rows, or any format of docs/data.md): every parameter
+            of the base is trained on it first and saved as a 16-bit model in ckpt_output_dir/pre_lora/model, the
+            base of the LoRA run; None: no phase 1.
+        pre_lora_max_steps (int | None, None): phase 1's optimizer steps; overrides pre_lora_num_epochs.
+        pre_lora_num_epochs (int, 1): phase 1's passes over its data (unless pre_lora_max_steps).
+        pre_lora_learning_rate (float, 2e-05): phase 1's peak learning rate (a full fine-tune wants a lower one than
+            LoRA).
         num_epochs (int, 3): passes over the data (unless max_steps).
         max_steps (int | None, None): optimizer steps; overrides num_epochs.
         effective_batch_size (int | None, None): sequences per optimizer step over all processes; give any two of

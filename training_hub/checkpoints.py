@@ -27,7 +27,7 @@ from typing import Any
 from .config import ConfigError
 from .files import write_atomic
 from .hardware import is_main_process
-from .outputs import CHECKPOINT_PREFIX, COMPLETE_MARKER, TRAINER_STATE, replace_final_adapter
+from .outputs import CHECKPOINT_PREFIX, COMPLETE_MARKER, PHASE_PRE_LORA, TRAINER_STATE, replace_final_adapter
 
 logger = logging.getLogger("training_hub")
 CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -107,6 +107,8 @@ def read_metric_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _keep_row(row: dict[str, Any], step: int) -> bool:
+    if row.get("phase") == PHASE_PRE_LORA:  # a finished phase 1's rows: phase 2 resumes after them
+        return True
     return row.get("step", 0) <= step and "train_loss" not in row  # train_loss: the end-of-run summary
 
 
@@ -114,7 +116,7 @@ def resumed_train_loss(metrics_path: Path) -> float | None:
     """Mean training loss over all steps from the metrics file (each logged loss averages the steps since the last)."""
     total, last, steps = 0.0, 0, 0
     for row in read_metric_rows(metrics_path):
-        if "loss" in row and isinstance(row["loss"], (int, float)):
+        if "loss" in row and isinstance(row["loss"], (int, float)) and row.get("phase") != PHASE_PRE_LORA:
             total += row["loss"] * (row["step"] - last)
             steps += row["step"] - last
             last = row["step"]

@@ -115,6 +115,15 @@ class LoraSFTConfig:
                                          "eval_split)")
     eval_split: float | None = param(None, "hold out this share of the training rows, in (0, 1), for evaluation")
 
+    # Phase 1 (optional): every parameter of the base trained on other data before the LoRA run (docs/two_phase.md).
+    pre_lora_data_path: Any = param(None, "phase 1's data (text rows, or any format of docs/data.md): every parameter "
+                                          "of the base is trained on it first and saved as a 16-bit model in "
+                                          "ckpt_output_dir/pre_lora/model, the base of the LoRA run; None: no phase 1")
+    pre_lora_max_steps: int | None = param(None, "phase 1's optimizer steps; overrides pre_lora_num_epochs")
+    pre_lora_num_epochs: int = param(1, "phase 1's passes over its data (unless pre_lora_max_steps)")
+    pre_lora_learning_rate: float = param(2e-5, "phase 1's peak learning rate (a full fine-tune wants a lower one "
+                                                "than LoRA)")
+
     # Optimisation.
     num_epochs: int = param(3, "passes over the data (unless max_steps)")
     max_steps: int | None = param(None, "optimizer steps; overrides num_epochs")
@@ -222,7 +231,7 @@ class LoraSFTConfig:
             value = getattr(self, f.name)
             if f.name == "callbacks" and value:
                 value = [type(c).__name__ for c in value]
-            elif f.name in ("data_path", "eval_data_path") and value is not None and not isinstance(value, str):
+            elif f.name in ("data_path", "eval_data_path", "pre_lora_data_path") and value is not None and not isinstance(value, str):
                 value = f"<in-memory {type(value).__name__}>"
             out[f.name] = value
         return out
@@ -367,6 +376,9 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         p.append("resume_from_checkpoint='': give True, 'auto' or a checkpoint-N folder")
     if c.lora_adapter is not None and not c.lora_adapter.strip():
         p.append("lora_adapter='': give the folder of a PEFT LoRA adapter (adapter_config.json) or None")
+    from .pre_lora import pre_lora_problems  # here: pre_lora imports outputs, which imports this module
+
+    p += pre_lora_problems(c)
     for name, feature in NOT_SUPPORTED_YET.items():
         default = LoraSFTConfig.__dataclass_fields__[name].default
         if getattr(c, name) != default:

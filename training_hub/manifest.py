@@ -14,6 +14,7 @@ from typing import Any
 from .files import write_atomic
 from .hardware import is_main_process
 from .outputs import MANIFEST_FILE
+from .pre_lora import read_record
 
 PACKAGES = ("training-hub-lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth",
             "unsloth_zoo", "bitsandbytes", "xformers", "flash_attn")
@@ -54,6 +55,7 @@ def write(out: Path, config, plan, summary, loaded_model, data_fingerprint: str,
         "hardware": {"platform": platform.platform(), "python": platform.python_version(), "device": plan.device,
                      "cpu_count": os.cpu_count()},
         "metrics": metrics,
+        "pre_lora": read_record(out),  # phase 1 of a two-phase run: settings, data, steps, losses (or None)
     }
     write_atomic(path, json.dumps(manifest, indent=2, default=str))
     return path

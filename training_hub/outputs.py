@@ -7,6 +7,7 @@ What a finished run leaves:
     training_metrics.jsonl                           one JSON object per logging step, written live
     checkpoint-N/                                    resumable checkpoints, marked complete when fully written
     merged/                                          with save_merged: the LoRA folded into the 16-bit base
+    pre_lora/                                        with pre_lora_data_path: phase 1 and its model (pre_lora.py)
     training_hub_final.json                          written last: the top-level adapter is complete
 
 The folder is the run's or it is refused: a run writes only the names above, refuses a folder whose files of
@@ -41,6 +42,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "training_hub_complete.json"  # inside checkpoint-N/, written last
 TRAINER_STATE = "trainer_state.json"  # inside checkpoint-N/, written by the Trainer
 MERGED_DIR = "merged"
+PRE_LORA_DIR = "pre_lora"  # a two-phase run's phase 1: its checkpoints and the phase-1 model (pre_lora.py)
+PHASE_PRE_LORA, PHASE_LORA = "pre_lora", "lora"  # the "phase" of a two-phase run's metrics rows
 
 logger = logging.getLogger("training_hub")
 
@@ -215,13 +218,13 @@ RUN_FILES = frozenset({
 
 def is_run_entry(name: str) -> bool:
     """A top-level name that a training_hub run writes (file or folder)."""
-    return (name in RUN_FILES or name == MERGED_DIR or name.startswith(CHECKPOINT_PREFIX)
+    return (name in RUN_FILES or name in (MERGED_DIR, PRE_LORA_DIR) or name.startswith(CHECKPOINT_PREFIX)
             or name.startswith(REPLACED_PREFIX) or name.startswith(".final-adapter"))
 
 
 def holds_run(out: Path) -> bool:
     """The folder holds (part of) an earlier training_hub run: its manifest, metrics, adapter or a checkpoint."""
-    return out.is_dir() and any(p.name in (MANIFEST_FILE, METRICS_FILE, ADAPTER_WEIGHTS) or
+    return out.is_dir() and any(p.name in (MANIFEST_FILE, METRICS_FILE, ADAPTER_WEIGHTS, PRE_LORA_DIR) or
                                 p.name.startswith(CHECKPOINT_PREFIX) for p in out.iterdir())
 
 
@@ -245,7 +248,7 @@ def protected_folders(config) -> dict[str, Path]:
         found["model_path (the base model)"] = Path(str(config.model_path))
     if config.lora_adapter:
         found["lora_adapter"] = Path(config.lora_adapter)
-    for name in ("data_path", "eval_data_path"):
+    for name in ("data_path", "eval_data_path", "pre_lora_data_path"):
         value = getattr(config, name)
         if isinstance(value, str) and value.strip() and Path(value).expanduser().exists():
             found[name] = Path(value)

@@ -21,11 +21,21 @@ def _series(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 
 
 def _phases(rows: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[str, Any]]]]:
+    """Rows grouped by phase in order of appearance. A phase whose steps start again from 1 (each phase of a
+    two-phase run counts its own optimizer steps) is drawn after the one before it: its steps are shifted."""
     order: list[str | None] = []
     for row in rows:
         if row.get("phase") not in order:
             order.append(row.get("phase"))
-    return [(phase, [r for r in rows if r.get("phase") == phase]) for phase in order]
+    grouped, last_step = [], 0
+    for phase in order:
+        phase_rows = [r for r in rows if r.get("phase") == phase]
+        steps = [r["step"] for r in phase_rows if isinstance(r.get("step"), int)]
+        shift = last_step if steps and min(steps) <= last_step else 0
+        grouped.append((phase, [{**r, "step": r["step"] + shift} if isinstance(r.get("step"), int) else r
+                                for r in phase_rows]))
+        last_step = max(steps, default=0) + shift
+    return grouped
 
 
 def plot_loss(output_dir: str | Path, path: str | Path | None = None) -> Path:
@@ -62,7 +72,7 @@ def plot_loss(output_dir: str | Path, path: str | Path | None = None) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    lr = _series(rows, "learning_rate")
+    lr = [point for _, phase_rows in phases for point in _series(phase_rows, "learning_rate")]
     handles, labels = ax.get_legend_handles_labels()
     if lr:
         right = ax.twinx()

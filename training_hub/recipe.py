@@ -48,16 +48,18 @@ class Trained:
 @quiet_third_party()
 def run(config: LoraSFTConfig) -> TrainingResult:
     """Train from a validated config (the body of `lora_sft`, shared with the CLI)."""
-    from . import console, distributed, logs, outputs, preflight
+    from . import console, distributed, logs, outputs, preflight, pre_lora
     from .models.adapters import with_adapter_settings
 
     logs.enable_default_output()
     out = Path(config.ckpt_output_dir)
     resume = check_environment(config, out)
     config = with_adapter_settings(config)
-    raise_problems(resume.config_problems(config.to_dict()))
     if distributed.needs_launch(config, os.environ):  # plain python asking for several processes: start them
+        raise_problems(resume.config_problems(config.to_dict()))
         return distributed.launch(config)
+    config = pre_lora.run_phase_one(config, out)  # phase 1 of a two-phase run; then its model is the base
+    raise_problems(resume.config_problems(config.to_dict()))
     data = read_data(config)
     backend = choose_backend(config)
     prepared = plan_and_tokenize(config, data, backend)
@@ -84,13 +86,14 @@ def check_environment(config: LoraSFTConfig, out: Path):
     from . import outputs
     from .environment import environment_problems
     from .hardware import is_main_process
+    from .pre_lora import lora_resume_setting
     from .resume import find_resume
     from .tracking import tracker_problems
 
     # Only rank 0 writes, so only it checks the folder: another rank could look after rank 0 started writing there.
     folder = outputs.folder_problems(config) if is_main_process() else []
     raise_problems(environment_problems(config) + folder + tracker_problems(config))
-    return find_resume(out, config.resume_from_checkpoint)
+    return find_resume(out, lora_resume_setting(config, out))
 
 
 def read_data(config: LoraSFTConfig) -> Data:
@@ -176,6 +179,7 @@ def load_model(config: LoraSFTConfig, prepared: Prepared):
 def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -> Trained:
     """Train to the end (or raise TrainingStopped), writing checkpoints, metrics and the manifest into `out`."""
     from . import checkpoints, console, distributed, manifest, outputs, tracking, training
+    from .pre_lora import metrics_phase
 
     resume.prepare_output(out)
     manifest.write(out, config, prepared.plan, prepared.train.summary, model, prepared.fingerprint)
@@ -184,7 +188,8 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
                                        loss_scaler=prepared.plan.dtype == "float16")
     schedule = training.save_schedule_callback(config.save_samples, prepared.plan.effective_batch_size,
                                                bool(config.checkpoint_at_epoch or config.accelerate_full_state_at_epoch))
-    callbacks = [training.metrics_callback(out / outputs.METRICS_FILE, resumed=resume.checkpoint is not None),
+    callbacks = [training.metrics_callback(out / outputs.METRICS_FILE, resumed=resume.checkpoint is not None,
+                                           phase=metrics_phase(config, out)),
                  *([schedule] if schedule else []), guard, outputs.discard_replaced_callback(out),
                  *tracking.tracker_callbacks(config), *(config.callbacks or [])]
     eval_dataset = prepared.eval.dataset if prepared.eval is not None else None

@@ -32,6 +32,8 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "callbacks", "dry_run", "data_path", "data_output_dir",
     "dataloader_num_workers", "eval_data_path", "wandb_project", "wandb_entity", "wandb_run_name", "tensorboard_log_dir",
     "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name",
+    # Phase 1's settings are checked against its own record (pre_lora.py); once it is complete they may be left out.
+    "pre_lora_data_path", "pre_lora_max_steps", "pre_lora_num_epochs", "pre_lora_learning_rate",
     *RENDEZVOUS_ADDRESS_FIELDS,  # where the nodes meet, and each node's own node_rank, change nothing trained
 })
 

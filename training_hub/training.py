@@ -125,12 +125,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def metrics_callback(path: Path, resumed: bool = False):
+def metrics_callback(path: Path, resumed: bool = False, phase: str | None = None):
     """A TrainerCallback writing one JSON object per logging step to `path`, flushed live (rank 0 only).
 
     After a resume the Trainer's end-of-run `train_loss` averages only the steps of this process over all the
     run's steps; the summary line gets the whole run's mean from the file instead (the figure run_config.json
-    holds too)."""
+    holds too). With `phase`, each row says which phase of a two-phase run wrote it."""
     from transformers import TrainerCallback
 
     from .checkpoints import resumed_train_loss
@@ -139,7 +139,7 @@ def metrics_callback(path: Path, resumed: bool = False):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or not is_main_process():
                 return
-            entry = {"step": state.global_step, "epoch": _jsonable(state.epoch)}
+            entry = {"step": state.global_step, "epoch": _jsonable(state.epoch), **({"phase": phase} if phase else {})}
             entry.update({k: _jsonable(v) for k, v in logs.items()})
             if resumed and "train_loss" in entry:
                 entry["train_loss"] = resumed_train_loss(path) or entry["train_loss"]
