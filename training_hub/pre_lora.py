@@ -75,7 +75,8 @@ def pre_lora_problems(config) -> list[str]:
             problems.append(f"{name}={value!r}: must be > 0")
     for name, why in REFUSED_WITH_PHASE_ONE.items():
         value = getattr(config, name)
-        unsupported = value == "auto" if name == "micro_batch_size" else value not in (defaults[name], None, False, 1)
+        one_process = name in ("nproc_per_node", "nnodes") and type(value) is int and value == 1
+        unsupported = value == "auto" if name == "micro_batch_size" else value != defaults[name] and not one_process
         if unsupported:
             problems.append(f"{name}={value!r} with pre_lora_data_path: not supported ({why})")
     if isinstance(config.resume_from_checkpoint, str) and config.resume_from_checkpoint != "auto":
