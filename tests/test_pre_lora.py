@@ -106,7 +106,7 @@ def phase_losses(out: Path, phase: str) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def two_phase_runs(tiny_model_factory, tmp_path_factory):
     """An uninterrupted two-phase run, and the same run killed in phase 1, resumed and killed in phase 2, then
-    resumed without its pre_lora_* settings (4 jobs, ~1 minute)."""
+    resumed without its pre_lora_* settings; and the uninterrupted run with Unsloth for phase 2 (5 jobs, ~80 s)."""
     tmp = tmp_path_factory.mktemp("two-phase")
     text = write_jsonl(tmp / "text.jsonl", [{"text": " ".join(NAMES[i % 12:] + NAMES[:i % 12])} for i in range(24)])
     chat = write_jsonl(tmp / "chat.jsonl", greeting_conversations())
@@ -126,8 +126,9 @@ def two_phase_runs(tiny_model_factory, tmp_path_factory):
                      _kill_after_save_step=3, _kill_in_phase="lora")
     without = {k: v for k, v in settings.items() if k not in phase_one}
     resumed = run_job(**without, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
+    with_unsloth = run_job(**{**settings, "backend": "unsloth"}, ckpt_output_dir=str(tmp / "unsloth"))
     return dict(base=base, whole=whole, killed=killed, settings=settings, in_one=in_one, in_two=in_two,
-                resumed=resumed, folder_refusal=folder_refusal, phase_one_checkpoint=phase_one_checkpoint,
+                resumed=resumed, with_unsloth=with_unsloth, unsloth=tmp / "unsloth", folder_refusal=folder_refusal, phase_one_checkpoint=phase_one_checkpoint,
                 seconds=time.time() - started)
 
 
@@ -198,3 +199,12 @@ def test_a_changed_phase_one_setting_is_refused_once_phase_one_is_complete(two_p
                       two_phase_runs["killed"])
     same = run_phase_one(LoraSFTConfig(**settings, resume_from_checkpoint=True), two_phase_runs["killed"])
     assert same.model_path == str((two_phase_runs["killed"] / "pre_lora" / "model").resolve())
+
+
+@pytest.mark.slow
+def test_with_unsloth_for_phase_two_phase_one_still_trains_plain_transformers_alike(two_phase_runs):
+    summary = json.loads(two_phase_runs["with_unsloth"].stdout.strip().splitlines()[-1])
+    assert summary["plan"]["backend"] == "unsloth" and summary["unsloth_imported"]
+    assert phase_losses(two_phase_runs["unsloth"], "pre_lora") == phase_losses(two_phase_runs["whole"], "pre_lora")
+    assert json.loads((two_phase_runs["unsloth"] / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((two_phase_runs["unsloth"] / "pre_lora" / "model").resolve())

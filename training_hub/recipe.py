@@ -58,10 +58,10 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     if distributed.needs_launch(config, os.environ):  # plain python asking for several processes: start them
         raise_problems(resume.config_problems(config.to_dict()))
         return distributed.launch(config)
+    data = read_data(config)
+    backend = choose_backend(config)  # before phase 1: Unsloth, when chosen, is imported before transformers
     config = pre_lora.run_phase_one(config, out)  # phase 1 of a two-phase run; then its model is the base
     raise_problems(resume.config_problems(config.to_dict()))
-    data = read_data(config)
-    backend = choose_backend(config)
     prepared = plan_and_tokenize(config, data, backend)
     preflight.check(config, prepared.tokenizer, prepared.plan, prepared.train.summary, resume.checkpoint)
     raise_problems(resume.data_problems(prepared.fingerprint))
