@@ -105,8 +105,9 @@ def phase_losses(out: Path, phase: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def two_phase_runs(tiny_model_factory, tmp_path_factory):
-    """An uninterrupted two-phase run, and the same run killed in phase 1, resumed and killed in phase 2, then
-    resumed without its pre_lora_* settings; and the uninterrupted run with Unsloth for phase 2 (5 jobs, ~80 s)."""
+    """An uninterrupted two-phase run; the same run killed in phase 1 (after checkpoint 3, then after its last
+    checkpoint), killed in phase 2, then resumed without its pre_lora_* settings; and the uninterrupted run with
+    Unsloth for phase 2 (6 jobs, ~90 s)."""
     tmp = tmp_path_factory.mktemp("two-phase")
     text = write_jsonl(tmp / "text.jsonl", [{"text": " ".join(NAMES[i % 12:] + NAMES[:i % 12])} for i in range(24)])
     chat = write_jsonl(tmp / "chat.jsonl", greeting_conversations())
@@ -122,12 +123,17 @@ def two_phase_runs(tiny_model_factory, tmp_path_factory):
                      _kill_in_phase="pre_lora")
     folder_refusal = folder_problems(LoraSFTConfig(**settings, ckpt_output_dir=str(killed)))
     phase_one_checkpoint = sorted(p.name for p in (killed / "pre_lora").glob("checkpoint-*"))
+    without = {k: v for k, v in settings.items() if k not in phase_one}
+    with pytest.raises(ConfigError, match="phase 1 in .* did not finish"):
+        run_phase_one(LoraSFTConfig(**without, ckpt_output_dir=str(killed), resume_from_checkpoint=True), killed)
+    # resumed from checkpoint-3, killed again after its last checkpoint, before the phase-1 model was saved
+    at_end = run_job(expect_ok=False, **settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True,
+                     _kill_after_save_step=6, _kill_in_phase="pre_lora")
     in_two = run_job(expect_ok=False, **settings, ckpt_output_dir=str(killed), resume_from_checkpoint=True,
                      _kill_after_save_step=3, _kill_in_phase="lora")
-    without = {k: v for k, v in settings.items() if k not in phase_one}
     resumed = run_job(**without, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
     with_unsloth = run_job(**{**settings, "backend": "unsloth"}, ckpt_output_dir=str(tmp / "unsloth"))
-    return dict(base=base, whole=whole, killed=killed, settings=settings, in_one=in_one, in_two=in_two,
+    return dict(base=base, whole=whole, killed=killed, settings=settings, in_one=in_one, at_end=at_end, in_two=in_two,
                 resumed=resumed, with_unsloth=with_unsloth, unsloth=tmp / "unsloth", folder_refusal=folder_refusal, phase_one_checkpoint=phase_one_checkpoint,
                 seconds=time.time() - started)
 
@@ -176,8 +182,10 @@ def test_a_kill_in_each_phase_resumes_that_phase_and_equals_the_uninterrupted_ru
     whole, killed = runs["whole"], runs["killed"]
     assert runs["in_one"].returncode == -signal.SIGKILL and runs["phase_one_checkpoint"] == ["checkpoint-3"]
     assert any("already holds a run" in p for p in runs["folder_refusal"])  # the killed phase 1 is a run to resume
+    assert runs["at_end"].returncode == -signal.SIGKILL
+    assert "resuming from" in runs["at_end"].stderr and "pre_lora/checkpoint-3" in runs["at_end"].stderr
     assert runs["in_two"].returncode == -signal.SIGKILL
-    assert "resuming from" in runs["in_two"].stderr and "pre_lora/checkpoint-3" in runs["in_two"].stderr
+    assert "pre_lora/checkpoint-6 is at step 6: nothing to train" in runs["in_two"].stderr
     assert "phase 1 is complete" in runs["resumed"].stderr and "checkpoint-3 (step 3)" in runs["resumed"].stderr
     assert "phase 1: full fine-tune" not in runs["resumed"].stderr  # phase 1 not repeated
 

@@ -128,6 +128,10 @@ def run_phase_one(config, out: Path):
     record = read_record(out)
     resuming = config.resume_from_checkpoint not in (None, False)
     if config.pre_lora_data_path is None:
+        if record is None and resuming and (out / PRE_LORA_DIR).is_dir():
+            raise ConfigError([f"resume_from_checkpoint={config.resume_from_checkpoint!r}: phase 1 in "
+                               f"{out / PRE_LORA_DIR} did not finish; resume with the same pre_lora_* settings to "
+                               "finish it (LoRA on the original base would silently drop it)"])
         if record is None or not resuming:
             return config
         if record["base_model_path"] != str(config.model_path):
@@ -248,12 +252,15 @@ def train_phase_one(phase_one, out: Path) -> None:
     recipe.raise_problems(memory_problems(estimate, hardware.detect()))
     logger.info(f"phase 1: full fine-tune of {phase_one.model_path} on {data.train.source}; estimated memory "
                 f"{estimate / 2**30:.2f} GiB (weights, gradients, {prepared.plan.optim} states, one micro batch)")
-    source = resume.checkpoint if resume.reached(phase_one.max_steps) else phase_one.model_path
-    model = load_full_model(str(source), prepared.plan, phase_one.trust_remote_code)
+    done = resume.reached(phase_one.max_steps)  # killed after its last checkpoint, before the model was saved
+    if done:
+        logger.info(f"{resume.checkpoint} is at step {resume.step}: nothing to train; the phase-1 model is its weights")
+    model = load_full_model(str(resume.checkpoint if done else phase_one.model_path), prepared.plan,
+                            phase_one.trust_remote_code)
     with outputs.claimed(out, False):
         folder.mkdir(exist_ok=True)
         resume.prepare_output(folder)
-        metrics = {} if source != phase_one.model_path else fit(phase_one, prepared, model, resume, folder)
+        metrics = {} if done else fit(phase_one, prepared, model, resume, folder)
         if hardware.is_main_process():
             finish(out, phase_one, prepared, model, data.train.fingerprint, metrics, estimate)
 
