@@ -6,7 +6,6 @@ Training runs happen in subprocesses (tests/e2e_job.py): Unsloth patches the who
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -117,7 +116,6 @@ def two_phase_runs(tiny_model_factory, tmp_path_factory):
                     save_steps=3, effective_batch_size=4, micro_batch_size=2, learning_rate=5e-3, warmup_steps=2,
                     data_output_dir="none", **phase_one)
     whole, killed = tmp / "whole", tmp / "killed"
-    started = time.time()
     run_job(**settings, ckpt_output_dir=str(whole), save_merged=True)
     in_one = run_job(expect_ok=False, **settings, ckpt_output_dir=str(killed), _kill_after_save_step=3,
                      _kill_in_phase="pre_lora")
@@ -134,8 +132,8 @@ def two_phase_runs(tiny_model_factory, tmp_path_factory):
     resumed = run_job(**without, ckpt_output_dir=str(killed), resume_from_checkpoint=True)
     with_unsloth = run_job(**{**settings, "backend": "unsloth"}, ckpt_output_dir=str(tmp / "unsloth"))
     return dict(base=base, whole=whole, killed=killed, settings=settings, in_one=in_one, at_end=at_end, in_two=in_two,
-                resumed=resumed, with_unsloth=with_unsloth, unsloth=tmp / "unsloth", folder_refusal=folder_refusal, phase_one_checkpoint=phase_one_checkpoint,
-                seconds=time.time() - started)
+                resumed=resumed, with_unsloth=with_unsloth, unsloth=tmp / "unsloth", folder_refusal=folder_refusal,
+                phase_one_checkpoint=phase_one_checkpoint)
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ ComputeDtype = Literal["bfloat16", "float16", "float32"]
 
 
 REQUIRED = dataclasses.MISSING
+DATA_PATH_FIELDS = ("data_path", "eval_data_path", "pre_lora_data_path")  # a path, or rows/a Dataset in memory
 
 
 def param(default: Any, doc: str) -> Any:
@@ -231,7 +232,7 @@ class LoraSFTConfig:
             value = getattr(self, f.name)
             if f.name == "callbacks" and value:
                 value = [type(c).__name__ for c in value]
-            elif f.name in ("data_path", "eval_data_path", "pre_lora_data_path") and value is not None and not isinstance(value, str):
+            elif f.name in DATA_PATH_FIELDS and value is not None and not isinstance(value, str):
                 value = f"<in-memory {type(value).__name__}>"
             out[f.name] = value
         return out

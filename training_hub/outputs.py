@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import DATA_PATH_FIELDS, ConfigError
 from .files import replace_files_in, write_atomic
 from .hardware import is_main_process
 from .result import TrainingResult
@@ -248,7 +248,7 @@ def protected_folders(config) -> dict[str, Path]:
         found["model_path (the base model)"] = Path(str(config.model_path))
     if config.lora_adapter:
         found["lora_adapter"] = Path(config.lora_adapter)
-    for name in ("data_path", "eval_data_path", "pre_lora_data_path"):
+    for name in DATA_PATH_FIELDS:
         value = getattr(config, name)
         if isinstance(value, str) and value.strip() and Path(value).expanduser().exists():
             found[name] = Path(value)

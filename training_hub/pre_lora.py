@@ -80,8 +80,8 @@ def pre_lora_problems(config) -> list[str]:
         if unsupported:
             problems.append(f"{name}={value!r} with pre_lora_data_path: not supported ({why})")
     if isinstance(config.resume_from_checkpoint, str) and config.resume_from_checkpoint != "auto":
-        problems.append(f"resume_from_checkpoint={config.resume_from_checkpoint!r} with pre_lora_data_path: pass True or "
-                        "'auto' (the phase to resume is found in the output folder)")
+        problems.append(f"resume_from_checkpoint={config.resume_from_checkpoint!r} with pre_lora_data_path: pass True "
+                        "or 'auto' (the phase to resume is found in the output folder)")
     return problems
 
 
@@ -144,7 +144,7 @@ def run_phase_one(config, out: Path):
         problems = record_problems(record, phase_one, config.model_path, out)
         if problems:
             raise ConfigError(problems)
-        logger.info(f"phase 1 is complete ({record['steps']} steps, same settings and data): resuming phase 2")
+        logger.info(f"phase 1 is complete ({record['steps']} steps, same settings and data): not repeated")
     else:
         train_phase_one(phase_one, out)
     logger.info(f"phase 2: LoRA on the phase-1 model {model_folder(out)}")
@@ -322,7 +322,8 @@ def finish(out: Path, phase_one, prepared, model, rows_fingerprint: str, metrics
     record = {"base_model_path": str(phase_one.model_path), "dtype": dtype,
               "settings": result_settings(phase_one), "data_rows_fingerprint": rows_fingerprint,
               "data_fingerprint": prepared.fingerprint, "data": prepared.train.summary.to_dict(),
-              "steps": max([row.get("step", 0) for row in rows], default=0), "first_loss": losses[0] if losses else None,
+              "steps": max([row.get("step", 0) for row in rows], default=0),
+              "first_loss": losses[0] if losses else None,
               "last_loss": losses[-1] if losses else None, "train_loss": resumed_train_loss(folder / METRICS_FILE),
               "num_tokens": metrics.get("num_tokens"), "tokens_per_second": metrics.get("tokens_per_second"),
               "peak_memory_gib": metrics.get("peak_memory_gib"), "memory_estimate_gib": estimate / 2**30}
