@@ -42,6 +42,8 @@ def lora_sft(
     alpha_pattern: dict[str, int] | None = None,
     loftq_config: dict[str, Any] | None = None,
     lora_adapter: str | None = None,
+    finetune_vision_layers: bool = False,
+    finetune_language_layers: bool = True,
     dataset_type: cfg.DatasetType = "auto",
     field_messages: str = "messages",
     field_instruction: str = "instruction",
@@ -138,6 +140,10 @@ def lora_sft(
             accepted.
         lora_adapter (str | None, None): a saved PEFT LoRA adapter folder to continue training from; its r, alpha,
             targets and dropout are used.
+        finetune_vision_layers (bool, False): vision-language models: adapt the vision encoder's linear layers (a
+            text-only model must leave it False).
+        finetune_language_layers (bool, True): vision-language models: adapt the language model's linear layers (a
+            text-only model must leave it True).
         dataset_type ('auto' | 'messages' | 'chat_template' | 'alpaca' | 'sharegpt' | 'prompt_completion' | 'text' |
             'passthrough', 'auto'): the rows' format; 'auto' detects it from their fields (docs/data.md).
         field_messages (str, 'messages'): column holding the conversation.
