@@ -306,13 +306,15 @@ def prepare_dataset(
 
 
 def load(ckpt_output_dir: str | Path, device: str | None = None):
-    """Load a trained adapter with its base model for generation. Returns (model, tokenizer).
+    """Load a trained adapter with its base model for generation. Returns (model, tokenizer), or (model,
+    processor) for a vision-language model.
 
     The base model is the one named in the adapter's `adapter_config.json`.
     """
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
+    from peft import PeftModel
 
+    from .models.adapters import read_adapter_config
+    from .models.vision import auto_model_class, detect, load_processing_class
     from .outputs import ADAPTER_CONFIG, final_adapter_problem
 
     path = Path(ckpt_output_dir)
@@ -321,9 +323,11 @@ def load(ckpt_output_dir: str | Path, device: str | None = None):
     problem = final_adapter_problem(path)
     if problem is not None:
         raise ValueError(problem)
-    model = AutoPeftModelForCausalLM.from_pretrained(str(path))
+    base_path = read_adapter_config(path, "ckpt_output_dir")["base_model_name_or_path"]
+    vision = detect(base_path, trust_remote_code=False)
+    model = PeftModel.from_pretrained(auto_model_class(vision).from_pretrained(base_path), str(path))
     if device is not None:
         model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_processing_class(str(path), vision)
     model.eval()
     return model, tokenizer

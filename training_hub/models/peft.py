@@ -8,19 +8,18 @@ from .adapters import adapter_targets
 from .attention import FLEX_ATTENTION, register_flex_attention
 from .common import LoadedModel, check_quantized, count_parameters, device_map, lora_kwargs, quantization_config, torch_dtype
 from .targets import check_targets_exist, linear_projection_names
-from .vision import vision_targets
+from .vision import auto_model_class, vision_targets
 
 
 def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer, vision: bool = False) -> LoadedModel:
     """The base model (`AutoModelForImageTextToText` when `vision`, else a causal LM) with LoRA."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     quant = quantization_config(config, plan.dtype)
     if plan.attn_implementation == FLEX_ATTENTION:
         register_flex_attention()  # before loading: transformers checks the name against its registry
-    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(
+    model = auto_model_class(vision).from_pretrained(
         config.model_path,
         dtype=torch_dtype(plan.dtype),
         attn_implementation=plan.attn_implementation,

@@ -104,11 +104,11 @@ def plan_config(config):
     return dataclasses.replace(config, sample_packing=False)
 
 
-def base_model_class(model_path: str, trust_remote_code: bool = False):
+def auto_model_class(vision: bool):
     """The transformers Auto class a base model loads with: image-text-to-text or causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText if detect(model_path, trust_remote_code) else AutoModelForCausalLM
+    return AutoModelForImageTextToText if vision else AutoModelForCausalLM
 
 
 def load_processing_class(path: str, vision: bool, trust_remote_code: bool = False):
