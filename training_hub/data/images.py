@@ -40,7 +40,10 @@ def image_source(part: dict, where: str) -> str:
 
 def open_image(source: str):
     """The image as an RGB ``PIL.Image`` (decoded in full). Raises OSError/ValueError when it cannot be read."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError('reading images needs Pillow: pip install pillow (or the "vision" extra)') from None
 
     if source.startswith(DATA_URL_PREFIX):
         header, _, payload = source.partition(",")

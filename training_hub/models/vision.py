@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 
+from .targets import BLOCK_LISTS, LINEAR_CLASS_NAMES
+
 # Module-path components under which a vision-language model keeps its two towers (transformers' names).
 LANGUAGE_ROOTS = ("language_model", "text_model")
 VISION_ROOTS = ("vision_tower", "visual", "vision_model", "vision_encoder")
-BLOCK_LISTS = ("layers", "h", "blocks")
-LINEAR_CLASS_NAMES = ("Linear", "Linear4bit", "Linear8bitLt")
 VISION_PARAMETERS = ("finetune_vision_layers", "finetune_language_layers")
 
 
