@@ -4,6 +4,8 @@ merged model loads), and the early refusals that write nothing."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -67,6 +69,16 @@ def test_language_only_targets_leave_the_vision_encoder_alone():
     vision = [n for n in names if re.fullmatch(vision_targets(model, language=False, vision=True), n)]
     assert len(language) == 2 * 7 and all(".language_model.layers." in n for n in language)
     assert len(vision) == 2 * 6 and all(".vision_tower.encoder.layers." in n for n in vision)
+
+
+def test_detection_reads_config_json_and_imports_transformers_only_for_a_vision_config(tiny_vision_model,
+                                                                                       tiny_model_factory):
+    # Unsloth must be imported before transformers: a text model's detection must not import it.
+    code = ("import sys; from training_hub.models.vision import detect; "
+            "print(detect(sys.argv[1]), 'transformers' in sys.modules, detect(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model_factory("qwen2", "chatml")),
+                           str(tiny_vision_model)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["False", "False", "True"], proc.stderr[-2000:]
 
 
 def call(tmp_path, model_path, data, **kwargs):

@@ -127,13 +127,12 @@ def choose_backend(config: LoraSFTConfig, vision: bool = False) -> str:
     from . import hardware
     from .models.adapters import unsloth_problems
     from .models.unsloth import INSTALL_HINT, import_unsloth
-    from .models.vision import vision_backend
+    from .models.vision import VISION_BACKEND_NOTE
     from .plan import auto_backend
 
-    if vision:
-        backend, why = vision_backend(config.backend)
-        logger.info(why)
-        return backend
+    if vision:  # vision_problems refused backend='unsloth'
+        logger.info(VISION_BACKEND_NOTE)
+        return "peft"
     if config.backend == "peft" or config.enable_model_splitting:  # splitting: the peft backend (distributed.py)
         return "peft"
     if config.backend == "auto":

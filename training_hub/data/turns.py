@@ -2,9 +2,10 @@
 
 A turn is ``{"role", "content"}`` (or ShareGPT's ``{"from", "value"}``) plus, where given: ``tool_calls``
 and ``reasoning_content`` (assistant), ``tool_call_id`` (tool), ``name``, ``weight`` (0 or 1). ``content``
-may be a list of text parts; for a vision-language model also image parts (``data/images.py``), kept as a list. A key whose value is None counts as absent (Arrow-backed sources give every
-turn every key); any other key is refused, since it would be ignored. Every check raises
-:class:`RowProblem` naming the field and the fix; the loader adds the row's place.
+may be a list of text parts (joined), and for a vision-language model image parts in user turns
+(``data/images.py``; the content is then kept as a list). A key whose value is None counts as absent
+(Arrow-backed sources give every turn every key); any other key is refused, since it would be ignored.
+Every check raises :class:`RowProblem` naming the field and the fix; the loader adds the row's place.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from .schema import DataError, DataSummary, Example, LoadedData, TokenizedData
 
 def load_processor(model_path: str, trust_remote_code: bool = False):
     """The model's processor; its tokenizer gets a pad token (EOS when it has none), and the two share one chat
-    template (whichever has one), so the text pipeline renders what the processor would."""
+    template (the processor's, which generation with the processor uses, else the tokenizer's), so the data is
+    rendered as the processor renders it."""
     from transformers import AutoProcessor
 
     from .tokenizer import pad_token_policy
@@ -29,9 +30,9 @@ def load_processor(model_path: str, trust_remote_code: bool = False):
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
     pad_token_policy(tokenizer, model_path)
-    if not tokenizer.chat_template and getattr(processor, "chat_template", None):
+    if getattr(processor, "chat_template", None):
         tokenizer.chat_template = processor.chat_template
-    elif tokenizer.chat_template and not getattr(processor, "chat_template", None):
+    elif tokenizer.chat_template:
         processor.chat_template = tokenizer.chat_template  # saved with the adapter: generation renders the same
     return processor
 

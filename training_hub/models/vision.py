@@ -9,7 +9,9 @@ its vision encoder (``finetune_vision_layers``); the projector between them is n
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from .targets import BLOCK_LISTS, LINEAR_CLASS_NAMES
 
@@ -19,22 +21,39 @@ VISION_ROOTS = ("vision_tower", "visual", "vision_model", "vision_encoder")
 VISION_PARAMETERS = ("finetune_vision_layers", "finetune_language_layers")
 
 
-def is_vision_language(model_config) -> bool:
-    """Whether transformers maps this config's model type to an image-text-to-text model."""
+def is_vision_language(model_config: dict) -> bool:
+    """Whether a model's ``config.json`` (as a dict) describes a vision-language model: it has a vision
+    sub-config and transformers maps its model type to an image-text-to-text model. transformers is imported
+    only for configs with a vision sub-config, so a text run can still import Unsloth first."""
+    if "vision_config" not in model_config:
+        return False
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    return getattr(model_config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return model_config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
-def detect(model_path: str, trust_remote_code: bool) -> bool:
-    """Whether the model at ``model_path`` is vision-language (reads its config only)."""
-    from transformers import AutoConfig
+def detect(model_path: str, trust_remote_code: bool = False) -> bool:
+    """Whether the model at ``model_path`` (a folder or a hub id) is vision-language, from its config.json only.
+    A config that cannot be read here counts as a text model's (loading it later gives the real error)."""
+    folder = Path(model_path).expanduser()
+    if folder.is_dir():
+        path = folder / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
 
-    return is_vision_language(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code))
+        try:
+            path = Path(hf_hub_download(model_path, "config.json"))
+        except Exception:  # offline, a gated or misspelled repository, ...: the model loader reports it
+            return False
+    try:
+        return is_vision_language(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def vision_problems(config, vision: bool) -> list[str]:
-    """The vision parameters against the model: set on a text model, or contradicting ``target_modules``."""
+    """The settings a vision-language model cannot take (packing, the Unsloth backend, the data cache, vision
+    parameters beside target_modules or lora_adapter), or the vision parameters set for a text model."""
     from ..config import LoraSFTConfig
 
     changed = [name for name in VISION_PARAMETERS
@@ -47,21 +66,23 @@ def vision_problems(config, vision: bool) -> list[str]:
     if changed and config.target_modules:
         problems.append(f"target_modules and {' and '.join(changed)} are both given: target_modules names the adapted "
                         "modules itself; give one or the other")
+    if changed and config.lora_adapter is not None:
+        problems.append(f"lora_adapter and {' and '.join(changed)} are both given: training continues on the "
+                        "adapter's own modules; leave them at their defaults")
+    if config.sample_packing:
+        problems.append("sample_packing=True with a vision-language model: image-text batches are not packed (each "
+                        "row's image tokens must stay with its pixel values); leave sample_packing unset")
+    if config.backend == "unsloth":
+        problems.append("backend='unsloth' with a vision-language model: training_hub trains these with transformers "
+                        "+ PEFT (AutoModelForImageTextToText); its Unsloth route (FastVisionModel and Unsloth's "
+                        "vision collator) is not built yet. Use backend='peft' or 'auto'")
     if config.data_output_dir is not None:
         problems.append(f"data_output_dir={config.data_output_dir!r}: tokenized data is not cached for a vision-language "
                         "model (its rows name images that the processor reads per batch); leave it unset")
     return problems
 
 
-def vision_backend(backend: str) -> tuple[str, str]:
-    """The backend a vision-language model trains on, and why: the peft backend; 'unsloth' is refused."""
-    from ..config import ConfigError
-
-    if backend == "unsloth":
-        raise ConfigError(["backend='unsloth' with a vision-language model: training_hub trains these with "
-                           "transformers + PEFT (AutoModelForImageTextToText); its Unsloth route (FastVisionModel "
-                           "and Unsloth's vision collator) is not built yet. Use backend='peft' or 'auto'"])
-    return "peft", "backend peft: a vision-language model (AutoModelForImageTextToText + AutoProcessor)"
+VISION_BACKEND_NOTE = "backend peft: a vision-language model (AutoModelForImageTextToText + AutoProcessor)"
 
 
 def tower_linears(model, roots: tuple[str, ...]) -> dict[str, set[str]]:
@@ -93,14 +114,10 @@ def vision_targets(model, language: bool, vision: bool) -> str:
 
 
 def plan_config(config):
-    """The config the plan is made from: vision batches are never packed (the processor pads each batch)."""
+    """The config the plan is made from: vision batches are never packed (the processor pads each batch;
+    `vision_problems` refuses sample_packing=True)."""
     import dataclasses
 
-    from ..config import ConfigError
-
-    if config.sample_packing:
-        raise ConfigError(["sample_packing=True with a vision-language model: image-text batches are not packed "
-                           "(each row's image tokens must stay with its pixel values); leave sample_packing unset"])
     return dataclasses.replace(config, sample_packing=False)
 
 
