@@ -281,13 +281,15 @@ def prepare_dataset(
 ):
     """Validate, normalize and tokenize a dataset exactly as `lora_sft` would, without loading a model.
 
-    Give `model_path` (its tokenizer is loaded) or a `tokenizer`. The other parameters mean what they mean for
-    `lora_sft` (docs/parameters.md). Returns a `TokenizedData` whose `.dataset` has one row per example
+    Give `model_path` (its tokenizer is loaded; a vision-language model's processor, with image parts in the chats
+    accepted) or a `tokenizer` (or processor). The other parameters mean what they mean for `lora_sft`
+    (docs/parameters.md). Returns a `TokenizedData` whose `.dataset` has one row per example
     (`input_ids`, `labels` with -100 where no loss is taken) and whose `.summary` counts rows, tokens and
     truncation; `training_hub.data.format_example(ids, labels, tokenizer)` prints an example with the trained
     spans marked.
     """
     from . import data
+    from .models.vision import cache_problem, detect
 
     if (model_path is None) == (tokenizer is None):
         raise ValueError("prepare_dataset needs exactly one of model_path= or tokenizer=")
@@ -299,7 +301,16 @@ def prepare_dataset(
                                  field_output=field_output, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
                                  train_on_reasoning=train_on_reasoning, truncation=truncation,
                                  data_output_dir=data_output_dir)
-    loaded = data.load_examples(data_path, **settings.loading())
+    vision = detect(model_path, trust_remote_code) if tokenizer is None else hasattr(tokenizer, "image_processor")
+    if vision and cache_problem(data_output_dir):
+        raise cfg.ConfigError([cache_problem(data_output_dir)])
+    loaded = data.load_examples(data_path, **settings.loading(), images=vision)
+    if vision:
+        from .data.vision import load_processor, tokenize_vision_examples
+
+        processor = tokenizer or load_processor(model_path, trust_remote_code)
+        return tokenize_vision_examples(loaded, processor, **{k: v for k, v in settings.tokenizing().items()
+                                                              if k != "cache_dir"})
     if tokenizer is None:
         tokenizer = data.load_tokenizer(model_path, trust_remote_code)
     return data.tokenize_examples(loaded, tokenizer, **settings.tokenizing())

@@ -127,11 +127,9 @@ def choose_backend(config: LoraSFTConfig, vision: bool = False) -> str:
     from . import hardware
     from .models.adapters import unsloth_problems
     from .models.unsloth import INSTALL_HINT, import_unsloth
-    from .models.vision import VISION_BACKEND_NOTE
     from .plan import auto_backend
 
-    if vision:  # vision_problems refused backend='unsloth'
-        logger.info(VISION_BACKEND_NOTE)
+    if vision:  # vision_problems refused backend='unsloth'; the plan's notes say why
         return "peft"
     if config.backend == "peft" or config.enable_model_splitting:  # splitting: the peft backend (distributed.py)
         return "peft"
@@ -158,7 +156,7 @@ def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str, vision: b
     from . import checkpoints, hardware
     from .data import DataSettings, load_tokenizer, tokenize_examples
     from .data.vision import load_processor, tokenize_vision_examples
-    from .models.vision import plan_config
+    from .models.vision import plan_config, vision_notes
     from .plan import ModelShape, make_plan
 
     settings = DataSettings.from_config(config).tokenizing()
@@ -179,7 +177,7 @@ def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str, vision: b
     shape = ModelShape.from_config(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code))
     plan = make_plan(config, hw, backend, shape, hardware.world_size(), train.summary)
     if vision:
-        plan.notes.append("no sample packing: image-text batches are padded per batch by the processor")
+        plan.notes += vision_notes()
     logger.info(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
     fingerprint = checkpoints.data_fingerprint(data.train.fingerprint, train.summary.to_dict())
     return Prepared(plan, tokenizer, train, evaluation, fingerprint, processor)

@@ -139,3 +139,15 @@ def test_expand_labels_carries_labels_over_and_refuses_other_changes():
     assert expand_labels(ids, labels, np.array([5, 9, 9, 9, 6, 7]), image_id=9).tolist() == [-100] * 4 + [6, 7]
     with pytest.raises(ValueError, match="beyond expanding its image placeholders"):
         expand_labels(ids, labels, np.array([5, 9, 9, 8, 7]), image_id=9)
+
+
+def test_prepare_dataset_takes_the_vision_path_for_a_vision_model(tiny_vision_model, processor, write_rows,
+                                                                  color_images):
+    from training_hub import prepare_dataset
+
+    path = write_rows(color_conversations(color_images, n=3))
+    prepared = prepare_dataset(str(path), model_path=str(tiny_vision_model))
+    direct = tokenize_vision_examples(load_examples(path, images=True), processor, max_seq_len=2048)
+    assert prepared["input_ids"] == direct["input_ids"] and prepared["labels"] == direct["labels"]
+    with pytest.raises(ValueError, match="data_output_dir='cache': tokenized data is not cached for a vision-language"):
+        prepare_dataset(str(path), model_path=str(tiny_vision_model), data_output_dir="cache")

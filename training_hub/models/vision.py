@@ -76,13 +76,21 @@ def vision_problems(config, vision: bool) -> list[str]:
         problems.append("backend='unsloth' with a vision-language model: training_hub trains these with transformers "
                         "+ PEFT (AutoModelForImageTextToText); its Unsloth route (FastVisionModel and Unsloth's "
                         "vision collator) is not built yet. Use backend='peft' or 'auto'")
-    if config.data_output_dir is not None:
-        problems.append(f"data_output_dir={config.data_output_dir!r}: tokenized data is not cached for a vision-language "
-                        "model (its rows name images that the processor reads per batch); leave it unset")
-    return problems
+    return problems + ([cache_problem(config.data_output_dir)] if cache_problem(config.data_output_dir) else [])
 
 
-VISION_BACKEND_NOTE = "backend peft: a vision-language model (AutoModelForImageTextToText + AutoProcessor)"
+def cache_problem(data_output_dir: str | None) -> str | None:
+    """Vision rows are not cached: a data_output_dir would be ignored."""
+    if data_output_dir is None:
+        return None
+    return (f"data_output_dir={data_output_dir!r}: tokenized data is not cached for a vision-language model (its rows "
+            "name images that the processor reads per batch); leave it unset")
+
+
+def vision_notes() -> list[str]:
+    """What the plan says of a vision-language run."""
+    return ["backend peft for a vision-language model (AutoModelForImageTextToText + AutoProcessor; the Unsloth "
+            "vision route is not built)", "no sample packing: image-text batches are padded per batch by the processor"]
 
 
 def tower_linears(model, roots: tuple[str, ...]) -> dict[str, set[str]]:
