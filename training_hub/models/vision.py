@@ -75,7 +75,8 @@ def vision_problems(config, vision: bool) -> list[str]:
     if config.backend == "unsloth":
         problems.append("backend='unsloth' with a vision-language model: training_hub trains these with transformers "
                         "+ PEFT (AutoModelForImageTextToText); its Unsloth route (FastVisionModel and Unsloth's "
-                        "vision collator) is not built yet. Use backend='peft' or 'auto'")
+                        "vision collator) is not built yet, and Unsloth's CPU backend has no vision models. Use "
+                        "backend='peft' or 'auto'")
     return problems + ([cache_problem(config.data_output_dir)] if cache_problem(config.data_output_dir) else [])
 
 
@@ -90,7 +91,7 @@ def cache_problem(data_output_dir: str | None) -> str | None:
 def vision_notes() -> list[str]:
     """What the plan says of a vision-language run."""
     return ["backend peft for a vision-language model (AutoModelForImageTextToText + AutoProcessor; the Unsloth "
-            "vision route is not built)", "no sample packing: image-text batches are padded per batch by the processor"]
+            "vision route is not built, and Unsloth's CPU backend has no vision models)", "no sample packing: image-text batches are padded per batch by the processor"]
 
 
 def tower_linears(model, roots: tuple[str, ...]) -> dict[str, set[str]]:
