@@ -7,14 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${TRAINING_HUB_VENV:-.venv}
-stamp="$venv/.training_hub_setup_v3"
+stamp="$venv/.training_hub_setup_v4"
 if [ -f "$stamp" ]; then exit 0; fi
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 # The distribution was renamed training-hub-lora (the index's training-hub is the reference package, which
 # provides the same `training_hub` module): remove a package installed under the old name first.
 "$venv/bin/python" -m pip uninstall -q -y training-hub 2>/dev/null || true
-"$venv/bin/python" -m pip install -q -c scripts/constraints-cpu.txt -e ".[unsloth-deps,dev,tensorboard,wandb,mlflow]"
+"$venv/bin/python" -m pip install -q -c scripts/constraints-cpu.txt -e ".[unsloth-deps,dev,tensorboard,wandb,mlflow,vision]"
 "$venv/bin/python" -m pip install -q --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9 cut_cross_entropy==25.1.1
 "$venv/bin/python" - <<'PY'
 import importlib.util, sys

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from jobs import metric_rows
-from sample_data import NAMES, greeting_conversations, write_jsonl
-from training_hub.tiny import build_tokenizer, save_tiny_model
+from sample_data import COLORS, NAMES, greeting_conversations, write_color_images, write_jsonl
+from training_hub.tiny import build_tokenizer, save_tiny_model, save_tiny_vision_model
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +45,17 @@ def tiny_model_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_model(tmp_path_factory) -> Path:
+    """A tiny LLaVA (Llama text model + CLIP vision encoder) with its processor, saved once per session."""
+    return save_tiny_vision_model(tmp_path_factory.mktemp("tiny-llava"), corpus=[" ".join(COLORS)])
+
+
+@pytest.fixture(scope="session")
+def color_images(tmp_path_factory) -> dict[str, Path]:
+    return write_color_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture

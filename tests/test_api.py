@@ -2,6 +2,7 @@
 
 import pytest
 
+import training_hub
 from training_hub import lora_sft, prepare_dataset
 from training_hub.data import format_example
 
@@ -58,3 +59,12 @@ def test_resumed_throughput_counts_only_this_sessions_tokens():
     plan = SimpleNamespace(flops_per_token=None, peak_tflops=None, device="cpu")
     metrics = _final_metrics({"train_runtime": 2.0}, state, plan, tokens_before=600)
     assert metrics["num_tokens"] == 1000 and metrics["tokens_per_second"] == 200.0
+
+
+def test_load_returns_the_peft_model_and_the_tokenizer_of_a_text_run(surface_run):
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    model, tokenizer = training_hub.load(surface_run["out"])
+    assert isinstance(model, PeftModel) and isinstance(tokenizer, PreTrainedTokenizerBase)
+    assert type(model.get_base_model()).__name__ == "Qwen2ForCausalLM" and not model.training

@@ -42,6 +42,8 @@ def lora_sft(
     alpha_pattern: dict[str, int] | None = None,
     loftq_config: dict[str, Any] | None = None,
     lora_adapter: str | None = None,
+    finetune_vision_layers: bool = False,
+    finetune_language_layers: bool = True,
     dataset_type: cfg.DatasetType = "auto",
     field_messages: str = "messages",
     field_instruction: str = "instruction",
@@ -142,6 +144,10 @@ def lora_sft(
             accepted.
         lora_adapter (str | None, None): a saved PEFT LoRA adapter folder to continue training from; its r, alpha,
             targets and dropout are used.
+        finetune_vision_layers (bool, False): vision-language models: adapt the vision encoder's linear layers (a
+            text-only model must leave it False).
+        finetune_language_layers (bool, True): vision-language models: adapt the language model's linear layers (a
+            text-only model must leave it True).
         dataset_type ('auto' | 'messages' | 'chat_template' | 'alpaca' | 'sharegpt' | 'prompt_completion' | 'text' |
             'passthrough', 'auto'): the rows' format; 'auto' detects it from their fields (docs/data.md).
         field_messages (str, 'messages'): column holding the conversation.
@@ -286,13 +292,15 @@ def prepare_dataset(
 ):
     """Validate, normalize and tokenize a dataset exactly as `lora_sft` would, without loading a model.
 
-    Give `model_path` (its tokenizer is loaded) or a `tokenizer`. The other parameters mean what they mean for
-    `lora_sft` (docs/parameters.md). Returns a `TokenizedData` whose `.dataset` has one row per example
+    Give `model_path` (its tokenizer is loaded; a vision-language model's processor, with image parts in the chats
+    accepted) or a `tokenizer` (or processor). The other parameters mean what they mean for `lora_sft`
+    (docs/parameters.md). Returns a `TokenizedData` whose `.dataset` has one row per example
     (`input_ids`, `labels` with -100 where no loss is taken) and whose `.summary` counts rows, tokens and
     truncation; `training_hub.data.format_example(ids, labels, tokenizer)` prints an example with the trained
     spans marked.
     """
     from . import data
+    from .models.vision import cache_problem, detect
 
     if (model_path is None) == (tokenizer is None):
         raise ValueError("prepare_dataset needs exactly one of model_path= or tokenizer=")
@@ -304,20 +312,31 @@ def prepare_dataset(
                                  field_output=field_output, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs,
                                  train_on_reasoning=train_on_reasoning, truncation=truncation,
                                  data_output_dir=data_output_dir)
-    loaded = data.load_examples(data_path, **settings.loading())
+    vision = detect(model_path, trust_remote_code) if tokenizer is None else hasattr(tokenizer, "image_processor")
+    if vision and cache_problem(data_output_dir):
+        raise cfg.ConfigError([cache_problem(data_output_dir)])
+    loaded = data.load_examples(data_path, **settings.loading(), images=vision)
+    if vision:
+        from .data.vision import load_processor, tokenize_vision_examples
+
+        processor = tokenizer or load_processor(model_path, trust_remote_code)
+        return tokenize_vision_examples(loaded, processor, **{k: v for k, v in settings.tokenizing().items()
+                                                              if k != "cache_dir"})
     if tokenizer is None:
         tokenizer = data.load_tokenizer(model_path, trust_remote_code)
     return data.tokenize_examples(loaded, tokenizer, **settings.tokenizing())
 
 
 def load(ckpt_output_dir: str | Path, device: str | None = None):
-    """Load a trained adapter with its base model for generation. Returns (model, tokenizer).
+    """Load a trained adapter with its base model for generation. Returns (model, tokenizer), or (model,
+    processor) for a vision-language model.
 
     The base model is the one named in the adapter's `adapter_config.json`.
     """
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
+    from peft import PeftModel
 
+    from .models.adapters import read_adapter_config
+    from .models.vision import auto_model_class, detect, load_processing_class
     from .outputs import ADAPTER_CONFIG, final_adapter_problem
 
     path = Path(ckpt_output_dir)
@@ -326,9 +345,11 @@ def load(ckpt_output_dir: str | Path, device: str | None = None):
     problem = final_adapter_problem(path)
     if problem is not None:
         raise ValueError(problem)
-    model = AutoPeftModelForCausalLM.from_pretrained(str(path))
+    base_path = read_adapter_config(path, "ckpt_output_dir")["base_model_name_or_path"]
+    vision = detect(base_path, trust_remote_code=False)
+    model = PeftModel.from_pretrained(auto_model_class(vision).from_pretrained(base_path), str(path))
     if device is not None:
         model = model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_processing_class(str(path), vision)
     model.eval()
     return model, tokenizer

@@ -91,6 +91,10 @@ class LoraSFTConfig:
     loftq_config: dict[str, Any] | None = param(None, "LoftQ initialisation settings (refused: see below)")
     lora_adapter: str | None = param(None, "a saved PEFT LoRA adapter folder to continue training from; its r, "
                                            "alpha, targets and dropout are used")
+    finetune_vision_layers: bool = param(False, "vision-language models: adapt the vision encoder's linear layers "
+                                                "(a text-only model must leave it False)")
+    finetune_language_layers: bool = param(True, "vision-language models: adapt the language model's linear layers "
+                                                 "(a text-only model must leave it True)")
 
     # Data.
     dataset_type: DatasetType = param("auto", "the rows' format; 'auto' detects it from their fields (docs/data.md)")
@@ -375,6 +379,9 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
                  "(overwriting deletes the checkpoints a resume would continue from)")
     if isinstance(c.resume_from_checkpoint, str) and not c.resume_from_checkpoint.strip():
         p.append("resume_from_checkpoint='': give True, 'auto' or a checkpoint-N folder")
+    if not (c.finetune_vision_layers or c.finetune_language_layers):
+        p.append("finetune_vision_layers=False and finetune_language_layers=False: nothing would be adapted; set one "
+                 "of them True")
     if c.lora_adapter is not None and not c.lora_adapter.strip():
         p.append("lora_adapter='': give the folder of a PEFT LoRA adapter (adapter_config.json) or None")
     from .pre_lora import pre_lora_problems  # here: pre_lora imports outputs, which imports this module

@@ -94,7 +94,8 @@ def merge_adapter(base_model_path: str, adapter_path: str | Path, output_dir: st
 
     Reads only `base_model_path` and the adapter folder (safe to run again). The model is written to a
     temporary folder next to `output_dir` and renamed into place, so `output_dir` never holds half a model.
-    The result loads with `AutoModelForCausalLM.from_pretrained(output_dir)` and serves in vLLM.
+    The result loads with `AutoModelForCausalLM.from_pretrained(output_dir)` (a vision-language model with
+    `AutoModelForImageTextToText`, its processor saved beside it) and serves in vLLM.
 
     Args:
         base_model_path: the base model the adapter was trained on (folder or hub id).
@@ -114,6 +115,7 @@ def merge_adapter(base_model_path: str, adapter_path: str | Path, output_dir: st
     """
     from .config import ConfigError
     from .models.adapters import read_adapter_config
+    from .models.vision import detect
     from .outputs import final_adapter_problem
 
     out = Path(output_dir)
@@ -130,24 +132,25 @@ def merge_adapter(base_model_path: str, adapter_path: str | Path, output_dir: st
         problems.append(unfinished)
     if problems:
         raise ConfigError(problems)
-    merged = _merged_model(base_model_path, str(adapter_path), dtype, trust_remote_code)
+    vision = detect(base_model_path, trust_remote_code)
+    merged = _merged_model(base_model_path, str(adapter_path), dtype, vision, trust_remote_code)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
-    _tokenizer_for(adapter_path, base_model_path, trust_remote_code).save_pretrained(tmp)
+    _tokenizer_for(adapter_path, base_model_path, vision, trust_remote_code).save_pretrained(tmp)
     _replace_folder(tmp, out)
     return out
 
 
-def _merged_model(base_model_path: str, adapter_path: str, dtype: str, trust_remote_code: bool):
+def _merged_model(base_model_path: str, adapter_path: str, dtype: str, vision: bool, trust_remote_code: bool):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from .models.common import torch_dtype as to_torch_dtype
+    from .models.vision import auto_model_class
 
     torch_dtype = to_torch_dtype(dtype)
-    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch_dtype, device_map={"": "cpu"},
-                                                trust_remote_code=trust_remote_code)
+    base = auto_model_class(vision).from_pretrained(base_model_path, dtype=torch_dtype, device_map={"": "cpu"},
+                                                    trust_remote_code=trust_remote_code)
     if getattr(base, "hf_quantizer", None) is not None:  # a checkpoint stored quantized: merge into 16-bit
         base = base.dequantize().to(torch_dtype)
     model = PeftModel.from_pretrained(base, adapter_path)
@@ -155,12 +158,13 @@ def _merged_model(base_model_path: str, adapter_path: str, dtype: str, trust_rem
     return merged
 
 
-def _tokenizer_for(adapter_path: str | Path, base_model_path: str, trust_remote_code: bool):
-    """The tokenizer saved with the adapter (it may carry the chat template used in training), else the base's."""
-    from transformers import AutoTokenizer
+def _tokenizer_for(adapter_path: str | Path, base_model_path: str, vision: bool, trust_remote_code: bool):
+    """The tokenizer (a vision-language model's processor) saved with the adapter (it may carry the chat template
+    used in training), else the base's."""
+    from .models.vision import load_processing_class
 
     source = adapter_path if any((Path(adapter_path) / f).exists() for f in TOKENIZER_FILES) else base_model_path
-    return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    return load_processing_class(str(source), vision, trust_remote_code)
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:

@@ -213,6 +213,7 @@ RUN_FILES = frozenset({
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_FILE, METRICS_FILE, FINAL_MARKER, MODEL_CARD, LOSS_PLOT,
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt", "spiece.model",
+    "processor_config.json", "preprocessor_config.json",  # a vision-language model's processor
 })
 
 

@@ -37,6 +37,7 @@ class Prepared:
     train: Any  # data.TokenizedData
     eval: Any  # data.TokenizedData | None
     fingerprint: str  # the training data's identity, checked on resume
+    processor: Any = None  # a vision-language model's processor (its tokenizer is `tokenizer`)
 
 
 @dataclass
@@ -58,11 +59,12 @@ def run(config: LoraSFTConfig) -> TrainingResult:
     if distributed.needs_launch(config, os.environ):  # plain python asking for several processes: start them
         raise_problems(resume.config_problems(config.to_dict()))
         return distributed.launch(config)
-    data = read_data(config)
-    backend = choose_backend(config)  # before phase 1: Unsloth, when chosen, is imported before transformers
+    vision = detect_vision(config)
+    data = read_data(config, vision)
+    backend = choose_backend(config, vision)  # before phase 1: Unsloth, when chosen, is imported before transformers
     config = pre_lora.run_phase_one(config, out)  # phase 1 of a two-phase run; then its model is the base
     raise_problems(resume.config_problems(config.to_dict()))
-    prepared = plan_and_tokenize(config, data, backend)
+    prepared = plan_and_tokenize(config, data, backend, vision)
     preflight.check(config, prepared.tokenizer, prepared.plan, prepared.train.summary, resume.checkpoint)
     raise_problems(resume.data_problems(prepared.fingerprint))
     if config.dry_run:
@@ -96,31 +98,42 @@ def check_environment(config: LoraSFTConfig, out: Path):
     return find_resume(out, lora_resume_setting(config, out))
 
 
-def read_data(config: LoraSFTConfig) -> Data:
-    """Read and validate every row of the training (and evaluation) data."""
+def detect_vision(config: LoraSFTConfig) -> bool:
+    """Whether the model is vision-language (from its config); the vision parameters are checked against it."""
+    from .models import vision
+
+    found = vision.detect(config.model_path, config.trust_remote_code)
+    raise_problems(vision.vision_problems(config, found))
+    return found
+
+
+def read_data(config: LoraSFTConfig, vision: bool = False) -> Data:
+    """Read and validate every row of the training (and evaluation) data (images too, for a vision model)."""
     from . import data
 
     settings = data.DataSettings.from_config(config)
-    train = data.load_examples(config.data_path, **settings.loading())
+    train = data.load_examples(config.data_path, **settings.loading(), images=vision)
     logger.info(f"data: {len(train)} rows, format {train.format} ({train.source})")
     evaluation = None
     if config.eval_split is not None:
         train, evaluation = data.split_examples(train, config.eval_split, config.seed)
         logger.info(f"eval data: {evaluation.source}")
     if config.eval_data_path is not None:
-        evaluation = data.load_examples(config.eval_data_path, **settings.loading())
+        evaluation = data.load_examples(config.eval_data_path, **settings.loading(), images=vision)
         logger.info(f"eval data: {len(evaluation)} rows, format {evaluation.format} ({evaluation.source})")
     return Data(train, evaluation)
 
 
-def choose_backend(config: LoraSFTConfig) -> str:
+def choose_backend(config: LoraSFTConfig, vision: bool = False) -> str:
     """'auto': the peft backend's packed FlexAttention route where it was measured fastest, else Unsloth when it
-    imports (it must be imported before transformers), else 'peft' with a notice."""
+    imports (it must be imported before transformers), else 'peft' with a notice. Vision models: 'peft'."""
     from . import hardware
     from .models.adapters import unsloth_problems
     from .models.unsloth import INSTALL_HINT, import_unsloth
     from .plan import auto_backend
 
+    if vision:  # vision_problems refused backend='unsloth'; the plan's notes say why
+        return "peft"
     if config.backend == "peft" or config.enable_model_splitting:  # splitting: the peft backend (distributed.py)
         return "peft"
     if config.backend == "auto":
@@ -139,16 +152,25 @@ def choose_backend(config: LoraSFTConfig) -> str:
     return "unsloth"
 
 
-def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str) -> Prepared:
+def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str, vision: bool = False) -> Prepared:
     """Tokenize the training and evaluation data the same way, then make the plan for this data and hardware."""
     from transformers import AutoConfig
 
     from . import checkpoints, hardware
     from .data import DataSettings, load_tokenizer, tokenize_examples
+    from .data.vision import load_processor, tokenize_vision_examples
+    from .models.vision import plan_config, vision_notes
     from .plan import ModelShape, make_plan
 
-    tokenizer = load_tokenizer(config.model_path, config.trust_remote_code)
-    tokenize = functools.partial(tokenize_examples, tokenizer=tokenizer, **DataSettings.from_config(config).tokenizing())
+    settings = DataSettings.from_config(config).tokenizing()
+    if vision:
+        processor = load_processor(config.model_path, config.trust_remote_code)
+        tokenizer, config = processor.tokenizer, plan_config(config)
+        settings.pop("cache_dir")
+        tokenize = functools.partial(tokenize_vision_examples, processor=processor, **settings)
+    else:
+        processor, tokenizer = None, load_tokenizer(config.model_path, config.trust_remote_code)
+        tokenize = functools.partial(tokenize_examples, tokenizer=tokenizer, **settings)
     train = tokenize(data.train)
     logger.info(f"data summary:\n{train.summary}")
     evaluation = tokenize(data.eval) if data.eval is not None else None
@@ -157,9 +179,11 @@ def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str) -> Prepar
     hw = hardware.detect()
     shape = ModelShape.from_config(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code))
     plan = make_plan(config, hw, backend, shape, hardware.world_size(), train.summary)
+    if vision:
+        plan.notes += vision_notes()
     logger.info(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
     fingerprint = checkpoints.data_fingerprint(data.train.fingerprint, train.summary.to_dict())
-    return Prepared(plan, tokenizer, train, evaluation, fingerprint)
+    return Prepared(plan, tokenizer, train, evaluation, fingerprint, processor)
 
 
 def load_model(config: LoraSFTConfig, prepared: Prepared):
@@ -167,7 +191,8 @@ def load_model(config: LoraSFTConfig, prepared: Prepared):
     from .data import FALLBACK_CHAT_TEMPLATE
     from .models import load_model as load_for_backend
 
-    loaded = load_for_backend(config, prepared.plan, prepared.tokenizer)
+    loaded = load_for_backend(config, prepared.plan, prepared.processor or prepared.tokenizer,
+                              vision=prepared.processor is not None)
     logger.info(loaded.describe())
     if not loaded.tokenizer.chat_template and prepared.train.summary.format not in ("text", "passthrough"):
         # The data was rendered with the fallback template (the tokenizer has no usable template of its own):
@@ -194,7 +219,7 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
                  *tracking.tracker_callbacks(config), *(config.callbacks or [])]
     eval_dataset = prepared.eval.dataset if prepared.eval is not None else None
     trainer = training.build_trainer(model.model, model.tokenizer, prepared.train.dataset, eval_dataset, config,
-                                     prepared.plan, out, callbacks)
+                                     prepared.plan, out, callbacks, vision_collator(config, prepared))
     console.replace_progress_callbacks(trainer, console.console_callback(
         console.run_facts(config, prepared.plan, model, prepared.train.summary, out)))
     tokens_before = resume.tokens_seen()
@@ -210,6 +235,13 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
     resumed_metrics = out / outputs.METRICS_FILE if resume.checkpoint is not None else None
     metrics = training.final_metrics(output.metrics, trainer.state, prepared.plan, resumed_metrics, tokens_before)
     return Trained(trainer, metrics)
+
+
+def vision_collator(config: LoraSFTConfig, prepared: Prepared):
+    """The batch collator of a vision-language run (the processor per batch), else None (TRL's own)."""
+    from .data.vision import VisionCollator
+
+    return VisionCollator(prepared.processor, config.max_seq_len) if prepared.processor is not None else None
 
 
 def save(config: LoraSFTConfig, prepared: Prepared, model, trained: Trained, out: Path) -> TrainingResult:

@@ -168,3 +168,63 @@ def save_tiny_model(
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+# ChatML whose user turns may hold a list of text and image parts; each image is LLaVA's "<image>" placeholder.
+CHATML_IMAGE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+IMAGE_TOKEN = "<image>"
+
+
+def build_vision_processor(corpus: Iterable[str] = (), image_size: int = 16, patch_size: int = 8):
+    """A LLaVA processor: the ChatML tokenizer with an ``<image>`` token and an image-aware template, and CLIP's
+    Pillow image processor (no torchvision). Each image becomes (image_size / patch_size)² image tokens."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tokenizer = build_tokenizer(template=None, corpus=corpus)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = CHATML_IMAGE_TEMPLATE
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHATML_IMAGE_TEMPLATE)
+
+
+def build_vision_model(processor, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """A randomly initialised LLaVA (Llama text model + CLIP vision encoder) sized for ``processor``."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    size = processor.image_processor.crop_size["height"]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=2,
+                              image_size=size, patch_size=processor.patch_size, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+                       initializer_range=hidden_size**-0.5)  # as build_model: a random head that LoRA can sharpen
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def save_tiny_vision_model(output_dir: str | Path, corpus: Iterable[str] = ()) -> Path:
+    """Build a tiny LLaVA and its processor and save both to ``output_dir`` (loadable with
+    ``AutoModelForImageTextToText`` and ``AutoProcessor``)."""
+    output_dir = Path(output_dir)
+    processor = build_vision_processor(corpus=corpus)
+    build_vision_model(processor).save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir

@@ -12,8 +12,10 @@ from .hardware import is_main_process
 from .plan import RunPlan
 
 
-def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, evaluate: bool = False):
-    """Every TrainingArguments field that matters is passed explicitly: Unsloth patches the defaults."""
+def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, evaluate: bool = False,
+                     own_collator: bool = False):
+    """Every TrainingArguments field that matters is passed explicitly: Unsloth patches the defaults.
+    `own_collator`: the rows are the collator's input (vision: text and image sources), kept whole."""
     from trl import SFTConfig
 
     return SFTConfig(
@@ -56,7 +58,8 @@ def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, eva
         dataloader_pin_memory=plan.device == "cuda",
         dataloader_num_workers=config.dataloader_num_workers,
         ddp_find_unused_parameters=False if plan.world_size > 1 else None,
-        remove_unused_columns=True,
+        remove_unused_columns=not own_collator,
+        dataset_kwargs={"skip_prepare_dataset": True} if own_collator else None,
     )
 
 
@@ -93,14 +96,17 @@ def trainer_class(plan: RunPlan):
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, config: LoraSFTConfig, plan: RunPlan,
-                  output_dir: Path, callbacks: list[Any]):
+                  output_dir: Path, callbacks: list[Any], data_collator=None):
+    """The trainer; `data_collator` (vision runs) replaces TRL's, and `tokenizer` is then the processor."""
     cls = trainer_class(plan)
     return cls(
         model=model,
-        args=build_sft_config(config, plan, output_dir, evaluate=eval_dataset is not None),
+        args=build_sft_config(config, plan, output_dir, evaluate=eval_dataset is not None,
+                              own_collator=data_collator is not None),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        data_collator=data_collator,
         callbacks=callbacks,
     )
 

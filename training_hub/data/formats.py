@@ -21,6 +21,7 @@ class Fields:
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
+    images: bool = False  # image parts are accepted in chat turns (a vision-language model)
 
 
 def format_signatures(fields: Fields) -> dict[str, tuple[str, ...]]:
@@ -52,7 +53,7 @@ def require(row: dict, name: str) -> Any:
 
 def from_messages(row: dict, fields: Fields, column: str | None = None) -> dict:
     column = column or fields.messages
-    messages = parse_turns(require(row, column), column)
+    messages = parse_turns(require(row, column), column, fields.images)
     check_conversation(messages, column)
     return {"messages": messages, "tools": parse_tools(row.get("tools"))}
 

@@ -48,6 +48,7 @@ def load_examples(
     field_instruction: str = "instruction",
     field_input: str = "input",
     field_output: str = "output",
+    images: bool = False,
 ) -> LoadedData:
     """Read ``source``, detect its format, convert every row to messages/text/token ids and validate it.
 
@@ -56,6 +57,7 @@ def load_examples(
             a list of dicts, a ``datasets.Dataset``, or a Hub dataset name ``owner/name`` (train split).
         dataset_type: one of ``DATASET_TYPES``; "auto" detects it from the rows' fields.
         field_messages, field_instruction, field_input, field_output: column names, when renamed.
+        images: accept image parts in user turns (for a vision-language model), each opened and checked here.
 
     Raises:
         DataError: listing the first few problems (file:line or row, field, what is valid) and their count.
@@ -64,7 +66,7 @@ def load_examples(
         hint = closest(dataset_type, DATASET_TYPES)
         raise DataError(f"dataset_type={dataset_type!r} is not valid; use one of {', '.join(DATASET_TYPES)}"
                         + (f" (did you mean {hint!r}?)" if hint else ""))
-    fields = Fields(field_messages, field_instruction, field_input, field_output)
+    fields = Fields(field_messages, field_instruction, field_input, field_output, images)
     raw = read_source(source, fields)
     if not raw.rows and not raw.problems:
         raise DataError(f"{raw.description} is empty: it holds no rows")

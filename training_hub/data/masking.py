@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .images import content_text
 from .rendering import BatchRenderer, RenderJob
 from .schema import DataError, Message
 
@@ -220,7 +221,7 @@ def check_inputs_rendered(messages: list[Message], tools: list[dict] | None, ful
             raise DataError(f"the row's tools include '{name}', but the chat template does not render tools= (a "
                             "template without tool support ignores them). Use the model's tool-calling chat template.")
     for k, message in enumerate(messages):
-        content = message["content"].strip()
+        content = content_text(message["content"]).strip()
         if message["role"] == "tool" and content and content not in full:
             raise DataError(f"messages[{k}] is a tool result that the chat template does not render (a template "
                             "without tool support skips the 'tool' role). Use the model's tool-calling chat template.")

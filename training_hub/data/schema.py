@@ -40,13 +40,15 @@ class Message(TypedDict, total=False):
     """The one message shape every chat format is converted to; it is what the chat template receives.
 
     ``role`` and ``content`` are always set (content may be empty on an assistant turn with tool calls and
-    on a tool turn). The optional keys are set only when the data gives them: ``tool_calls`` and
-    ``reasoning_content`` on assistant turns, ``tool_call_id`` and ``name`` on tool turns (``name`` also on
-    others), ``weight`` (0) on assistant turns that are context only.
+    on a tool turn); for a vision-language model a user turn's content may be a list of text and image parts
+    (``{"type": "text", "text"}``, ``{"type": "image", "image": path or data URL}``). The optional keys are
+    set only when the data gives them: ``tool_calls`` and ``reasoning_content`` on assistant turns,
+    ``tool_call_id`` and ``name`` on tool turns (``name`` also on others), ``weight`` (0) on assistant turns
+    that are context only.
     """
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | list[dict]
     tool_calls: list[ToolCall]
     tool_call_id: str
     name: str

@@ -2,9 +2,10 @@
 
 A turn is ``{"role", "content"}`` (or ShareGPT's ``{"from", "value"}``) plus, where given: ``tool_calls``
 and ``reasoning_content`` (assistant), ``tool_call_id`` (tool), ``name``, ``weight`` (0 or 1). ``content``
-may be a list of text parts. A key whose value is None counts as absent (Arrow-backed sources give every
-turn every key); any other key is refused, since it would be ignored. Every check raises
-:class:`RowProblem` naming the field and the fix; the loader adds the row's place.
+may be a list of text parts (joined), and for a vision-language model image parts in user turns
+(``data/images.py``; the content is then kept as a list). A key whose value is None counts as absent
+(Arrow-backed sources give every turn every key); any other key is refused, since it would be ignored.
+Every check raises :class:`RowProblem` naming the field and the fix; the loader adds the row's place.
 """
 
 from __future__ import annotations
@@ -56,15 +57,16 @@ def require_text(value: Any, where: str, *, allow_empty: bool = False) -> str:
     return value
 
 
-def parse_turns(value: Any, field: str) -> list[Message]:
+def parse_turns(value: Any, field: str, images: bool = False) -> list[Message]:
+    """The turns of a conversation; ``images``: image parts are accepted (a vision-language model) and checked."""
     if not isinstance(value, list):
         raise RowProblem(f"'{field}' must be a list of turns, got {type(value).__name__}")
     if not value:
         raise RowProblem(f"'{field}' is an empty list")
-    return [parse_turn(turn, f"{field}[{i}]") for i, turn in enumerate(value)]
+    return [parse_turn(turn, f"{field}[{i}]", images) for i, turn in enumerate(value)]
 
 
-def parse_turn(turn: Any, where: str) -> Message:
+def parse_turn(turn: Any, where: str, images: bool = False) -> Message:
     """One turn as a Message (see the module docstring for what a turn may hold)."""
     if not isinstance(turn, dict):
         raise RowProblem(f"{where} must be an object with 'role' and 'content', got {type(turn).__name__}")
@@ -84,7 +86,7 @@ def parse_turn(turn: Any, where: str) -> Message:
         raise missing_field(turn, content_key, where)
     if content is not None:
         allow_empty = role == "tool" or bool(message.get("tool_calls"))
-        message["content"] = parse_content(content, f"{where}.{content_key}", allow_empty)
+        message["content"] = parse_content(content, f"{where}.{content_key}", allow_empty, images, role)
     unknown = [k for k, v in turn.items() if v is not None and k not in (role_key, content_key, *TURN_KEYS)]
     if unknown:
         raise unknown_key(unknown[0], where, role_key, content_key)
@@ -142,22 +144,35 @@ def add_optional_fields(message: Message, turn: dict, where: str) -> None:
             message["weight"] = 0
 
 
-def parse_content(value: Any, where: str, allow_empty: bool) -> str:
-    """A string, or a list of text parts joined in order; a non-text part is refused."""
+def parse_content(value: Any, where: str, allow_empty: bool, images: bool = False,
+                  role: str = "user") -> str | list[dict]:
+    """A string, or a list of text parts joined in order. With ``images`` (a vision-language model) image parts
+    of user turns are checked and kept: the content is then a list of text and image parts."""
     if isinstance(value, list):
-        texts = []
-        for j, part in enumerate(value):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in TEXT_PARTS:
-                texts.append(require_text(part.get("text"), f"{where}[{j}].text", allow_empty=True))
-            elif kind is not None:
-                raise RowProblem(f"{where}[{j}] is a {kind!r} part: images, audio and files are not supported in text "
-                                 "fine-tuning; remove the part (keep the text parts) or drop the row")
-            else:
-                raise RowProblem(f"{where}[{j}] must be a part like {{\"type\": \"text\", \"text\": \"...\"}}, got "
-                                 f"{part!r:.60}")
-        value = "".join(texts)
+        parts = [content_part(part, f"{where}[{j}]", images, role) for j, part in enumerate(value)]
+        if any(part["type"] == "image" for part in parts):
+            return parts
+        value = "".join(part["text"] for part in parts)
     return require_text(value, where, allow_empty=allow_empty)
+
+
+def content_part(part: Any, where: str, images: bool, role: str) -> dict:
+    """One part of a content list, as ``{"type": "text", "text"}`` or (with ``images``, in a user turn) a checked
+    image part."""
+    from .images import IMAGE_PARTS, parse_image_part
+
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in TEXT_PARTS:
+        return {"type": "text", "text": require_text(part.get("text"), f"{where}.text", allow_empty=True)}
+    if kind in IMAGE_PARTS and images:
+        if role != "user":
+            raise RowProblem(f"{where} is an image in a {role} turn; images are read in user turns only (an answer "
+                             "is text the model learns to write); move the image to the user turn before it")
+        return parse_image_part(part, where)
+    if kind is not None:
+        raise RowProblem(f"{where} is a {kind!r} part: images, audio and files are not supported in text "
+                         "fine-tuning; remove the part (keep the text parts) or drop the row")
+    raise RowProblem(f"{where} must be a part like {{\"type\": \"text\", \"text\": \"...\"}}, got {part!r:.60}")
 
 
 def parse_tool_calls(value: Any, where: str) -> list[ToolCall]:

@@ -91,13 +91,14 @@ def count_parameters(model) -> tuple[int, int]:
     return int(trainable), int(total)
 
 
-def load_model(config: LoraSFTConfig, plan: RunPlan, tokenizer) -> LoadedModel:
+def load_model(config: LoraSFTConfig, plan: RunPlan, tokenizer, vision: bool = False) -> LoadedModel:
     """Load the base model for `plan.backend` and wrap it with LoRA. `tokenizer` is the one the data was
-    tokenized with (pad-token policy applied): it is the one trained with and saved, on both backends."""
+    tokenized with (pad-token policy applied): it is the one trained with and saved, on both backends. A
+    vision-language model (`vision`, peft backend only) comes with its processor as `tokenizer`."""
     if plan.backend == "unsloth":
         from .unsloth import load_unsloth_model
 
         return load_unsloth_model(config, plan, tokenizer)
     from .peft import load_peft_model
 
-    return load_peft_model(config, plan, tokenizer)
+    return load_peft_model(config, plan, tokenizer, vision)

@@ -8,17 +8,18 @@ from .adapters import adapter_targets
 from .attention import FLEX_ATTENTION, register_flex_attention
 from .common import LoadedModel, check_quantized, count_parameters, device_map, lora_kwargs, quantization_config, torch_dtype
 from .targets import check_targets_exist, linear_projection_names
+from .vision import auto_model_class, vision_targets
 
 
-def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer) -> LoadedModel:
+def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer, vision: bool = False) -> LoadedModel:
+    """The base model (`AutoModelForImageTextToText` when `vision`, else a causal LM) with LoRA."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     quant = quantization_config(config, plan.dtype)
     if plan.attn_implementation == FLEX_ATTENTION:
         register_flex_attention()  # before loading: transformers checks the name against its registry
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_model_class(vision).from_pretrained(
         config.model_path,
         dtype=torch_dtype(plan.dtype),
         attn_implementation=plan.attn_implementation,
@@ -35,6 +36,10 @@ def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer) -> LoadedMo
     if config.lora_adapter is not None:  # continue from a saved adapter: its own LoraConfig, trainable
         model = PeftModel.from_pretrained(model, config.lora_adapter, is_trainable=True)
         targets = adapter_targets(model)
+    elif vision and not config.target_modules:  # a regex over full module names: the chosen towers only
+        pattern = vision_targets(model, config.finetune_language_layers, config.finetune_vision_layers)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=pattern, **lora_kwargs(config)))
+        targets = [pattern]
     else:
         targets = list(config.target_modules) if config.target_modules else linear_projection_names(model)
         check_targets_exist(model, targets)

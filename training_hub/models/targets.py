@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 LINEAR_CLASS_NAMES = {"Linear", "Linear4bit", "Linear8bitLt"}
+BLOCK_LISTS = ("layers", "h", "blocks")  # module-path components holding a model's list of blocks
 
 
 def linear_projection_names(model) -> list[str]:
@@ -14,7 +15,7 @@ def linear_projection_names(model) -> list[str]:
     names = set()
     for path, module in model.named_modules():
         parts = path.split(".")
-        if type(module).__name__ in LINEAR_CLASS_NAMES and any(p in ("layers", "h", "blocks") for p in parts[:-1]):
+        if type(module).__name__ in LINEAR_CLASS_NAMES and any(p in BLOCK_LISTS for p in parts[:-1]):
             names.add(parts[-1])
     if not names:
         raise ValueError(
