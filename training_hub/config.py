@@ -353,14 +353,7 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         bad = {k: v for k, v in (getattr(c, name) or {}).items() if v <= 0}
         if bad:
             p.append(f"{name}={bad!r}: ranks/alphas must be > 0")
-    if c.eval_steps is not None and c.eval_data_path is None and c.eval_split is None:
-        p.append(f"eval_steps={c.eval_steps}: evaluation needs eval_data_path (a file or dataset like data_path) "
-                 "or eval_split (a share of the training rows)")
-    p += _positive(c, ["eval_steps"], allow_none=True)
-    if c.eval_split is not None and not 0.0 < c.eval_split < 1.0:
-        p.append(f"eval_split={c.eval_split!r}: the share of training rows held out for evaluation, in (0, 1)")
-    if c.eval_split is not None and c.eval_data_path is not None:
-        p.append("eval_split and eval_data_path are both given: evaluate on a separate file or on a split, not both")
+    p += _evaluation_problems(c)
     if c.load_in_4bit and c.load_in_8bit:
         p.append("load_in_4bit and load_in_8bit are both True: choose one")
     if c.bf16 and c.fp16:
@@ -391,6 +384,18 @@ def value_problems(config: LoraSFTConfig) -> list[str]:
         default = LoraSFTConfig.__dataclass_fields__[name].default
         if getattr(c, name) != default:
             p.append(f"{name}={getattr(c, name)!r}: {feature} is not supported yet; leave it at {default!r}")
+    return p
+
+
+def _evaluation_problems(c: LoraSFTConfig) -> list[str]:
+    p = _positive(c, ["eval_steps"], allow_none=True)
+    if c.eval_steps is not None and c.eval_data_path is None and c.eval_split is None:
+        p.append(f"eval_steps={c.eval_steps}: evaluation needs eval_data_path (a file or dataset like data_path) "
+                 "or eval_split (a share of the training rows)")
+    if c.eval_split is not None and not 0.0 < c.eval_split < 1.0:
+        p.append(f"eval_split={c.eval_split!r}: the share of training rows held out for evaluation, in (0, 1)")
+    if c.eval_split is not None and c.eval_data_path is not None:
+        p.append("eval_split and eval_data_path are both given: evaluate on a separate file or on a split, not both")
     return p
 
 
