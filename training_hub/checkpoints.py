@@ -90,8 +90,11 @@ def truncate_metrics(path: Path, step: int) -> int:
 
 
 def read_metric_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of training_metrics.jsonl; a torn last line (the run was killed while writing it) is left out with
-    a notice, any other line that is not JSON is a ConfigError naming path:line."""
+    """The rows of training_metrics.jsonl (none when it does not exist yet); a torn last line (the run was killed
+    while writing it) is left out with a notice, any other line that is not JSON is a ConfigError naming path:line.
+    The one reader of that file: resume, the console's summary, the loss plot and the model card use it."""
+    if not path.exists():
+        return []
     lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
              if line.strip()]
     rows = []
@@ -100,8 +103,8 @@ def read_metric_rows(path: Path) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as error:
             if number != lines[-1][0]:
-                raise ConfigError([f"{path}:{number} is not a JSON metrics row ({error.msg}); delete or repair that line "
-                                   "to resume"]) from None
+                raise ConfigError([f"{path}:{number} is not a JSON metrics row ({error.msg}); delete or repair that "
+                                   "line"]) from None
             logger.warning("%s:%d was cut off when the run was stopped (%r); dropping that line", path, number, line[:80])
     return rows
 

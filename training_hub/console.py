@@ -155,10 +155,10 @@ def end_summary(metrics: dict[str, Any], last_losses: dict[str, float], output_d
 
 def last_losses(metrics_path: Path) -> dict[str, float]:
     """The last logged training and evaluation loss in a metrics file."""
-    from .training import read_metrics
+    from .checkpoints import read_metric_rows
 
     found: dict[str, float] = {}
-    for row in read_metrics(metrics_path):
+    for row in read_metric_rows(metrics_path):
         for key, name in (("loss", "train_loss"), ("eval_loss", "eval_loss")):
             if isinstance(row.get(key), (int, float)):
                 found[name] = row[key]

@@ -47,13 +47,13 @@ def plot_loss(output_dir: str | Path, path: str | Path | None = None) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from .training import read_metrics
+    from .checkpoints import read_metric_rows
 
     out = Path(output_dir)
     metrics_file = out / METRICS_FILE
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} does not exist: point plot_loss to a lora_sft output folder")
-    rows = [row for row in read_metrics(metrics_file) if "train_loss" not in row]  # not the end-of-run summary
+    rows = [row for row in read_metric_rows(metrics_file) if "train_loss" not in row]  # not the end-of-run summary
     target = Path(path) if path is not None else out / LOSS_PLOT
 
     fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")

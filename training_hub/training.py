@@ -155,12 +155,6 @@ def metrics_callback(path: Path, resumed: bool = False, phase: str | None = None
     return MetricsFileCallback()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def final_metrics(train_metrics: dict[str, Any], state, plan: RunPlan, resumed_metrics: Path | None = None,
                   tokens_before: int = 0) -> dict[str, Any]:
     """The Trainer's end-of-run metrics, plus tokens/s over this session's tokens, MFU and peak GPU memory.
