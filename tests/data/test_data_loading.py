@@ -222,3 +222,9 @@ def test_split_examples_is_seeded_and_disjoint():
     assert [e.text for e in held.examples] == [e.text for e in again_held.examples]
     assert not {e.text for e in held.examples} & {e.text for e in train.examples}
     assert train.fingerprint != loaded.fingerprint
+
+
+def test_a_row_level_weight_is_refused_not_ignored():
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "weight": 0}
+    with pytest.raises(DataError, match=r"row 0: a row-level 'weight' is not read: put 'weight' \(0 or 1\) on assistant"):
+        load_examples([row])

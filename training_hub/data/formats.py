@@ -126,6 +126,9 @@ CONVERTERS: dict[str, Callable[[dict, Fields], dict]] = {
 
 def convert_row(row: dict, fmt: str, fields: Fields) -> dict:
     """Validate one row of format ``fmt`` and return the Example fields; RowProblem if it is invalid."""
+    if "weight" in row:  # OpenAI's weight belongs to assistant messages; a row-level one would be ignored
+        raise RowProblem("a row-level 'weight' is not read: put 'weight' (0 or 1) on assistant messages, or leave "
+                         "out the rows that should not be trained on")
     try:
         return CONVERTERS[fmt](row, fields)
     except RowProblem as problem:
