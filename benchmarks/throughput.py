@@ -113,6 +113,11 @@ LEVERS = {
                    title="(a) on the peft backend: FlexAttention packed, static length, Liger"),
     "a-flex-noliger": dict(base="a", overrides={"backend": "peft"}, plan_constants={"LIGER_KERNELS": False},
                            title="(a) on the peft backend: FlexAttention packed, static length, no Liger"),
+    # The micro batch the plan picks against the one it picked before its peft-route memory ratio (8B on the H200:
+    # 4 x 2 now, 8 x 1 before), and the plan's choice on an 80 GB GPU: the row's process may use 79.2 GiB of the
+    # GPU (torch's per-process memory fraction) and the plan is shown that much, as on an H100 80GB.
+    "a-mb8": dict(base="a", overrides={"micro_batch_size": 8}, title="(a) with micro_batch_size=8"),
+    "a-80g": dict(base="a", gpu_memory_gib=79.2, title="(a) as planned for and capped to an 80 GB GPU"),
     "a-flex-ckpt": dict(base="a", overrides={"backend": "peft", "gradient_checkpointing": True},
                         title="(a) on the peft backend: FlexAttention, Liger, gradient checkpointing on"),
     # Unsloth's own switch for packed attention: one SDPA call per layer with a dense (T, T) mask instead of one
@@ -410,6 +415,27 @@ def public_hub_row(bench: dict, timer, cuda: bool, run_name: str = "c") -> dict:
             "train_loss": output.metrics.get("train_loss")}
 
 
+def cap_gpu_memory(gib: float) -> None:
+    """Make this row's process behave as on a GPU of `gib` GiB: torch's allocator refuses more (an out-of-memory
+    error, as there), and the plan reads that total (less what is in use) as the free memory."""
+    from dataclasses import replace
+
+    import torch
+
+    from training_hub import hardware
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
+    detect = hardware.detect
+
+    def capped() -> hardware.Hardware:
+        hw = detect()
+        used = hw.total_memory_gib - hw.free_memory_gib
+        return replace(hw, total_memory_gib=gib, free_memory_gib=max(0.0, gib - used))
+
+    hardware.detect = capped  # a lever on training_hub's own hardware reading, like plan_constants
+
+
 def row_kind(name: str) -> str:
     """`a#2` is a second run of row a (e.g. to see whether the order of rows matters)."""
     return name.split("#")[0]
@@ -438,7 +464,8 @@ def run_row(name: str, bench: dict) -> dict:
     base = lever.get("base", kind)
     os.environ.update(lever.get("env", {}))
     if lever:
-        report["lever"] = {k: lever.get(k) for k in ("base", "env", "overrides", "sdpa_backends", "plan_constants")
+        report["lever"] = {k: lever.get(k) for k in ("base", "env", "overrides", "sdpa_backends", "plan_constants",
+                                                      "gpu_memory_gib")
                            if lever.get(k)}
     from training_hub import plan as plan_module  # light: no torch
 
@@ -457,6 +484,8 @@ def run_row(name: str, bench: dict) -> dict:
     from training_hub.training import sdpa_backends
 
     cuda = torch.cuda.is_available()
+    if cuda and lever.get("gpu_memory_gib"):
+        cap_gpu_memory(lever["gpu_memory_gib"])
     timer = None
     try:
         profile_path = Path(bench["out"]) / "logs" / f"{name}.profile.txt" if bench.get("profile") else None

@@ -203,7 +203,8 @@ def memory_estimate_bytes(shape, plan, seq_len: int) -> float:
 
     weight = 2 if load_dtype(plan.dtype) == "bfloat16" else 4
     per_parameter = 2 * weight + optimizer_bytes_per_parameter(plan.optim)
-    activations = activation_bytes_per_token(shape, plan.gradient_checkpointing) * plan.micro_batch_size * seq_len
+    activations = (activation_bytes_per_token(shape, plan.gradient_checkpointing, plan.backend)
+                   * plan.micro_batch_size * seq_len)
     return shape.num_parameters * per_parameter + activations
 
 
