@@ -164,3 +164,23 @@ def test_a_full_disk_is_named_with_the_folder_and_the_free_space(tmp_path, monke
     with pytest.raises(DiskFull, match=r"1.0 MiB free \(RuntimeError: unexpected pos 69056 vs 68944\)"):
         with disk_full_errors(tmp_path / "out"):  # torch.save's way of saying it
             raise RuntimeError("unexpected pos 69056 vs 68944")
+
+
+def test_real_shaped_random_models_carry_a_vocabulary_of_their_embedding(greeting_jsonl, tmp_path):
+    """The GPU tests and benchmarks build random models of real shapes (151,936 embedding rows) with a small trained
+    tokenizer: save_random_model pads its vocabulary with unreachable tokens, so the tokenizer check passes and
+    encoding is unchanged; the unpadded tokenizer is refused as another model's."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    from training_hub.tiny import build_tokenizer, save_random_model
+
+    tokenizer = build_tokenizer("chatml")
+    config = Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    model = save_random_model(config, tokenizer, tmp_path / "real-shaped")
+    saved = AutoTokenizer.from_pretrained(model)
+    chat = [{"role": "user", "content": "Hello, how are you?"}, {"role": "assistant", "content": "I am fine."}]
+    assert len(saved) == 4096 and saved.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
+    lora_sft(str(model), str(greeting_jsonl), str(tmp_path / "out"), backend="peft", dry_run=True)
+    tokenizer.save_pretrained(model)
+    assert "has only 404 tokens for the model's 4,096 embedding rows" in refusal(tmp_path, model, greeting_jsonl)

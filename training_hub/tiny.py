@@ -146,11 +146,36 @@ def save_random_model(config, tokenizer, output_dir: str | Path, device: str = "
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    pad_vocabulary(tokenizer, config.vocab_size).save_pretrained(output_dir)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
     return Path(output_dir)
+
+
+def pad_vocabulary(tokenizer, size: int):
+    """The tokenizer with unreachable filler tokens appended to its BPE vocabulary (no merge produces them) up to
+    `size` entries, so that a small trained tokenizer fits a real-shaped model's embedding as a real vocabulary does
+    (lora_sft refuses a tokenizer far smaller than the embedding as another model's). Encoding is unchanged."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if len(tokenizer) >= size:
+        return tokenizer
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    taken = set(vocab.values()) | {token["id"] for token in state["added_tokens"]}
+    filler = (i for i in range(size) if i not in taken)
+    for index, token_id in enumerate(filler):
+        vocab[f"<|filler_{index}|>"] = token_id
+    padded = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+                                     **{name: getattr(tokenizer, name) for name in
+                                        ("bos_token", "eos_token", "pad_token", "unk_token")},
+                                     clean_up_tokenization_spaces=False)
+    padded.chat_template = tokenizer.chat_template
+    return padded
 
 
 def save_tiny_model(
