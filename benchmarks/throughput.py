@@ -116,7 +116,8 @@ LEVERS = {
     # The micro batch the plan picks against the one it picked before its peft-route memory ratio (8B on the H200:
     # 4 x 2 now, 8 x 1 before), and the plan's choice on an 80 GB GPU: the row's process may use 79.2 GiB of the
     # GPU (torch's per-process memory fraction) and the plan is shown that much, as on an H100 80GB.
-    "a-mb8": dict(base="a", overrides={"micro_batch_size": 8}, title="(a) with micro_batch_size=8"),
+    "a-mb8": dict(base="a", overrides={"micro_batch_size": 8, "gradient_checkpointing": False},
+                  title="(a) with micro_batch_size=8, checkpointing off"),
     "a-80g": dict(base="a", gpu_memory_gib=79.2, title="(a) as planned for and capped to an 80 GB GPU"),
     "a-flex-ckpt": dict(base="a", overrides={"backend": "peft", "gradient_checkpointing": True},
                         title="(a) on the peft backend: FlexAttention, Liger, gradient checkpointing on"),
