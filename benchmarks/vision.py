@@ -274,57 +274,70 @@ def prepare(family: str, bench: dict) -> dict:
 # Qwen2-VL without torchvision: what can run here
 # --------------------------------------------------------------------------------------------------------
 
+def no_checkpoints_callback():
+    """A TrainerCallback that cancels checkpoints: they save the processor, which the stand-in video processor of a
+    torchvision-less machine cannot be."""
+    from transformers import TrainerCallback
+
+    class NoCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = False
+
+    return NoCheckpoints()
+
+
 def qwen2_vl_cpu_check(bench: dict, data: Path) -> dict:
-    """The Qwen2-VL path up to training, without lora_sft (its processor cannot be reloaded here): config and
-    detection, tokenization and masking, the collator's batch, the LoRA targets, and PEFT training steps."""
+    """The Qwen2-VL path of lora_sft minus reloading the processor (not possible here): config and detection, the
+    plan, tokenization and masking, the collator's batch, the model loaded from its folder with LoRA on the towers
+    `finetune_vision_layers=True` picks (models.peft), 16-bit and 4-bit, and training through training_hub's
+    trainer."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
     from training_hub import data as th_data
+    from training_hub import hardware, training
+    from training_hub.config import LoraSFTConfig
     from training_hub.data.vision import VisionCollator, image_token_id, tokenize_vision_examples
-    from training_hub.models.vision import is_vision_language, tower_linears, vision_targets
-    from training_hub.plan import ModelShape
+    from training_hub.models.peft import load_peft_model
+    from training_hub.models.vision import is_vision_language, plan_config, vision_plan
+    from training_hub.plan import ModelShape, make_plan
 
-    size = size_name(bench)
+    size, folder = size_name(bench), Path(bench["work"]) / "qwen2-vl" / "model"
     processor = qwen2_vl_processor(qwen2_vl_tokenizer(), IMAGE_SIZE[("qwen2-vl", size)])
-    config = qwen2_vl_config(processor.tokenizer, size)
-    report: dict = {"is_vision_language": is_vision_language(config.to_dict()),
-                    "shape": ModelShape.from_config(config).__dict__, "image_token_id": image_token_id(processor)}
-    loaded = th_data.load_examples(str(data), images=True)
-    tokenized = tokenize_vision_examples(loaded, processor, max_seq_len=bench["seq"])
-    rows = tokenized.dataset
-    first = rows[0]
-    image_id = image_token_id(processor)
-    labels = torch.tensor(first["labels"])
-    ids = torch.tensor(first["input_ids"])
+    model_config = qwen2_vl_config(processor.tokenizer, size)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(model_config, dtype=torch.float32).save_pretrained(folder)
+    shape = ModelShape.from_config(model_config)
+    report: dict = {"is_vision_language": is_vision_language(model_config.to_dict()), "shape": shape.__dict__}
+    tokenized = tokenize_vision_examples(th_data.load_examples(str(data), images=True), processor,
+                                         max_seq_len=bench["seq"])
+    rows, image_id = tokenized.dataset, image_token_id(processor)
+    ids, labels = torch.tensor(rows[0]["input_ids"]), torch.tensor(rows[0]["labels"])
     report.update(rows_out=len(rows), template_note=tokenized.summary.template_note,
                   image_tokens_in_row=int((ids == image_id).sum()),
                   image_tokens_unsupervised=bool((labels[ids == image_id] == -100).all()),
                   supervised_text=processor.tokenizer.decode(ids[labels != -100]))
     collate = VisionCollator(processor, bench["seq"])
-    batch = collate([rows[i] for i in range(min(4, len(rows)))])
-    report["batch"] = {k: list(v.shape) for k, v in batch.items()}
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    pattern = vision_targets(model, language=True, vision=True)
-    report["towers"] = {prefix: sorted(names) for prefix, names in tower_linears(model, ("visual",)).items()}
-    model = get_peft_model(model, LoraConfig(target_modules=pattern, r=8, lora_alpha=16, task_type="CAUSAL_LM"))
-    adapted = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
-    report.update(adapted_visual=sum(".visual.blocks." in n for n in adapted),
-                  adapted_language=sum(".language_model.layers." in n for n in adapted),
-                  adapted_other=[n for n in adapted if ".visual.blocks." not in n and ".language_model.layers." not in n])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(bench["steps"] + bench["warmup"]):
-        start = (step * 4) % max(1, len(rows) - 4)
-        batch = collate([rows[i] for i in range(start, start + 4)])
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(round(loss.item(), 4))
-    report["losses"] = losses
+    report["batch"] = {k: list(v.shape) for k, v in collate([rows[i] for i in range(min(4, len(rows)))]).items()}
+    for quantized in (False, True):
+        config = LoraSFTConfig(model_path=str(folder), data_path=str(data), ckpt_output_dir=str(folder.parent / "run"),
+                               finetune_vision_layers=True, max_steps=bench["warmup"] + bench["steps"],
+                               effective_batch_size=bench["batch"], learning_rate=1e-2, logging_steps=1,
+                               load_in_4bit=quantized)
+        plan = vision_plan(make_plan(plan_config(config), hardware.detect(), "peft", shape, 1, tokenized.summary))
+        loaded = load_peft_model(config, plan, processor, vision=True)
+        adapted = {n: type(m).__name__ for n, m in loaded.model.named_modules() if n.endswith(".base_layer")}
+        trainer = training.build_trainer(loaded.model, processor, rows, None, config, plan, folder.parent / "run",
+                                         [no_checkpoints_callback()], collate)
+        trainer.train()
+        report["4bit" if quantized else "16bit"] = {
+            "adapted_visual": sum(".visual.blocks." in n for n in adapted),
+            "adapted_language": sum(".language_model.layers." in n for n in adapted),
+            "adapted_other": [n for n in adapted if ".visual.blocks." not in n and ".language_model.layers." not in n],
+            "adapted_classes": sorted(set(adapted.values())),
+            "losses": [round(row["loss"], 4) for row in trainer.state.log_history if "loss" in row],
+            "plan": {"backend": plan.backend, "dtype": plan.dtype, "micro_batch_size": plan.micro_batch_size,
+                     "sample_packing": plan.sample_packing, "liger_kernel": plan.liger_kernel}}
     return report
 
 
@@ -424,9 +437,10 @@ def cpu_check_lines(check: dict) -> list[str]:
             f"{check['image_tokens_in_row']} image tokens in row 1, all unsupervised: {check['image_tokens_unsupervised']}",
             f"- supervised text of row 1: {check['supervised_text']!r}",
             f"- collator batch: {check['batch']}",
-            f"- LoRA targets: {check['adapted_visual']} in visual blocks, {check['adapted_language']} in language "
-            f"layers, other: {check['adapted_other']}",
-            f"- PEFT steps (AdamW 1e-2): loss {check['losses'][0]} -> {check['losses'][-1]} ({check['losses']})"]
+            *[f"- {kind}: LoRA on {run['adapted_visual']} visual-block and {run['adapted_language']} language-layer "
+              f"linears ({', '.join(run['adapted_classes'])}), elsewhere {run['adapted_other']}; training_hub's trainer "
+              f"(SFTTrainer, VisionCollator, lr 1e-2), plan {run['plan']}: loss {run['losses'][0]} -> "
+              f"{run['losses'][-1]} ({run['losses']})" for kind, run in ((k, check[k]) for k in ("16bit", "4bit"))]]
 
 
 def render(bench: dict, preps: dict, rows: list[dict], vers: dict) -> str:
