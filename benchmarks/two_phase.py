@@ -177,6 +177,34 @@ def adapter_check(run_dir: Path, cuda: bool) -> dict:
     return report
 
 
+def phase_one_changes(base: Path, trained: Path) -> dict:
+    """For the tensors of the first and last block, the embeddings and the final norm: the share of elements phase 1
+    changed and the mean |change|. Phase 1 trains bf16 weights without fp32 master copies, so an update smaller
+    than half a bf16 step of its weight (|w| / 256) is rounded away; this shows how much of the model moved."""
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict:
+        found = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    found[key] = (path, key)
+        return found
+
+    before, after = tensors(base), tensors(trained)
+    layers = sorted({int(k.split(".")[2]) for k in before if k.startswith("model.layers.")})
+    wanted = [k for k in before if k in after and (k.startswith(("model.embed_tokens", "model.norm")) or
+              any(k.startswith(f"model.layers.{i}.") for i in (layers[:1] + layers[-1:])))]
+    out = {}
+    for key in sorted(wanted):
+        with safe_open(str(before[key][0]), "pt") as f0, safe_open(str(after[key][0]), "pt") as f1:
+            a, b = f0.get_tensor(key).float(), f1.get_tensor(key).float()
+        delta = (b - a).abs()
+        out[key] = {"changed": round(float((delta > 0).float().mean()), 4), "mean_abs_change": float(delta.mean()),
+                    "mean_abs_weight": float(a.abs().mean())}
+    return out
+
+
 def run(bench: dict) -> dict:
     run_dir = Path(bench["work"]) / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # overwrite_output_dir is refused with a phase 1
@@ -216,6 +244,8 @@ def run(bench: dict) -> dict:
         report["phase1_record"] = json.loads(record_path.read_text())
     if "error" not in report:
         report["adapter"] = adapter_check(run_dir, cuda)
+    if (run_dir / "pre_lora" / "model").is_dir():
+        report["phase1_changes"] = phase_one_changes(Path(bench["model_path"]), run_dir / "pre_lora" / "model")
     return report
 
 
@@ -271,7 +301,14 @@ def render(bench: dict, prep: dict | None, report: dict, vers: dict) -> str:
               f"GiB; measured peak allocated {fmt((report.get('phases') or [{}])[0].get('peak_alloc_gib'), '.2f')} GiB",
               f"- phase 1 as recorded by lora_sft: {fmt(record.get('tokens_per_second'), ',.0f')} tokens/s, "
               f"{record.get('steps')} steps, saved as {record.get('dtype')}",
-              f"- phase 2 plan: {throughput.plan_text(plan)}", "", "Checks:"]
+              f"- phase 2 plan: {throughput.plan_text(plan)}"]
+    changes = report.get("phase1_changes") or {}
+    if changes:
+        shares = sorted(c["changed"] for c in changes.values())
+        lines.append(f"- elements phase 1 changed, over {len(changes)} tensors (first and last block, embeddings, final "
+                     f"norm): {shares[0]:.1%} to {shares[-1]:.1%}, median {shares[len(shares) // 2]:.1%} (results.json: "
+                     "per tensor)")
+    lines += ["", "Checks:"]
     lines += [f"- {text}: {'PASS' if ok else 'FAIL' if ok is False else 'n/a'}" for text, ok in checks(report)]
     return "\n".join(lines) + "\n"
 

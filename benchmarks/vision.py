@@ -501,10 +501,21 @@ def main_parent(args) -> int:
     me, start = Path(__file__).resolve(), time.perf_counter()
     preps: dict[str, dict | None] = {}
     rows: list[dict] = []
+
+    def time_for(limit: float) -> float | None:
+        """A child's timeout: its own limit, cut to what is left of --total-timeout (0 when under 30 s is left)."""
+        if not args.total_timeout:
+            return limit or None
+        left = args.total_timeout - (time.perf_counter() - start)
+        return 0 if left < 30 else min(limit or left, left)
+
     for family in families:
+        if time_for(args.prepare_timeout) == 0:
+            preps[family] = {"error": "skipped: --total-timeout reached"}
+            continue
         prep, detail = throughput.run_child(["--run-prepare", family, "--out", str(out)],
                                             out / "logs" / f"prepare-{family}.log", PREPARE_MARK,
-                                            args.prepare_timeout or None, script=me)
+                                            time_for(args.prepare_timeout), script=me)
         preps[family] = prep or {"error": detail}
         print(f"vision: prepared {family}: {detail if prep is None else 'ok'} [{time.perf_counter() - start:.0f} s]",
               flush=True)
@@ -514,8 +525,11 @@ def main_parent(args) -> int:
         (out / f"prepare-{family}.json").write_text(json.dumps(prep))
         for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
             name, row_start = f"{family}-{precision}", time.perf_counter()
+            if time_for(args.row_timeout) == 0:
+                rows.append({"name": name, "error": "skipped: --total-timeout reached"})
+                continue
             report, detail = throughput.run_child(["--run-row", name, "--out", str(out)], out / "logs" / f"{name}.log",
-                                                  ROW_MARK, args.row_timeout or None, script=me)
+                                                  ROW_MARK, time_for(args.row_timeout), script=me)
             report = report or {"name": name, "error": detail}
             report["wall_seconds"] = time.perf_counter() - row_start
             rows.append(report)
@@ -541,6 +555,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, help="effective_batch_size (default 8; 4 with --tiny)")
     parser.add_argument("--row-timeout", type=float, default=0, help="seconds per row before it is killed (0: none)")
     parser.add_argument("--prepare-timeout", type=float, default=0, help="seconds per family's preparation (0: none)")
+    parser.add_argument("--total-timeout", type=float, default=0, help="seconds for everything: each child's limit is "
+                        "cut to what is left, and what cannot start with 30 s left is skipped (0: none)")
     parser.add_argument("--run-row", help=argparse.SUPPRESS)
     parser.add_argument("--run-prepare", help=argparse.SUPPRESS)
     args = parser.parse_args()
