@@ -460,7 +460,8 @@ def render(bench: dict, preps: dict, rows: list[dict], vers: dict) -> str:
               "adapted | processor saved | load + forward | plan |", "|---|---:|---:|---:|---|---|---|---|---|"]
     for row in rows:
         if row.get("error"):
-            lines.append(f"| {row['name']} | failed | {throughput.fmt(row.get('peak_alloc_gib'), '.2f')} | - | - | - | - | - | "
+            status = "skipped" if row["error"].startswith("skipped") else "failed"
+            lines.append(f"| {row['name']} | {status} | {throughput.fmt(row.get('peak_alloc_gib'), '.2f')} | - | - | - | - | - | "
                          f"{row['error'][:200]} |")
             continue
         losses, checks = row.get("losses") or [None], row_checks(row)
