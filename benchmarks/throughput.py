@@ -519,7 +519,10 @@ def run_row(name: str, bench: dict) -> dict:
 # Orchestration (parent process: never imports torch, unsloth or transformers)
 # --------------------------------------------------------------------------------------------------------
 
-def run_child(args: list[str], log_path: Path, mark: str, timeout: float | None) -> tuple[dict | None, str]:
+def run_child(args: list[str], log_path: Path, mark: str, timeout: float | None,
+              script: Path | None = None) -> tuple[dict | None, str]:
+    """Run `script` (default: this file) with `args` in a fresh Python, its output to `log_path`; returns the JSON
+    printed after `mark` (None when it printed none: then the reason and the log's last lines)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     pythonpath = env.get("PYTHONPATH", "")
@@ -527,7 +530,7 @@ def run_child(args: list[str], log_path: Path, mark: str, timeout: float | None)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, str(REPO)) if p)
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], stdout=log,
+            proc = subprocess.run([sys.executable, str(script or Path(__file__).resolve()), *args], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, timeout=timeout)
             code = proc.returncode
         except subprocess.TimeoutExpired:

@@ -74,6 +74,23 @@ def test_phase_one_memory_is_estimated_and_refused_before_loading_when_the_gpu_c
     assert memory_problems(estimate, Hardware(device="cpu")) == []  # on the CPU it is only reported
 
 
+def test_phase_one_loads_the_model_on_the_packed_flex_attention_route_in_a_fresh_process(tiny_model_factory):
+    # The plan picks training_hub's FlexAttention kernel for packed batches on a GPU; transformers accepts that
+    # attn_implementation only once it is registered, and phase 1 loads the model before anything else could.
+    import subprocess
+    import sys
+
+    code = ("import dataclasses, sys; from training_hub.config import LoraSFTConfig; "
+            "from training_hub.hardware import Hardware; from training_hub.plan import make_plan; "
+            "from training_hub.models.attention import FLEX_ATTENTION; from training_hub.pre_lora import load_full_model; "
+            "plan = make_plan(LoraSFTConfig('m', 'd', 'o'), Hardware(device='cpu'), 'peft', None); "
+            "plan = dataclasses.replace(plan, attn_implementation=FLEX_ATTENTION); "
+            "print(load_full_model(sys.argv[1], plan, False).config._attn_implementation)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model_factory("qwen2", "chatml"))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split()[-1:] == ["training_hub_flex"], proc.stderr[-2000:]
+
+
 def test_a_resumed_phase_two_keeps_phase_one_rows_and_the_plot_draws_the_phases_one_after_the_other(tmp_path):
     path = tmp_path / "training_metrics.jsonl"
     rows = [{"step": s, "loss": 4.0, "phase": "pre_lora"} for s in (1, 2, 3)]

@@ -71,6 +71,50 @@ def test_language_only_targets_leave_the_vision_encoder_alone():
     assert len(vision) == 2 * 6 and all(".vision_tower.encoder.layers." in n for n in vision)
 
 
+def test_qwen2_vl_targets_are_the_linears_of_its_blocks_not_the_patch_embedding():
+    # Qwen2-VL's vision tower is `visual`; its patch embedding is a Conv3d named `proj`, like the blocks' attn.proj.
+    from transformers import AutoModelForImageTextToText, Qwen2VLConfig
+
+    from training_hub.models.vision import is_vision_language, vision_targets
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]})
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=16, num_heads=2, mlp_ratio=2,
+                                                                 hidden_size=32), image_token_id=60, video_token_id=61,
+                           vision_start_token_id=62, vision_end_token_id=63)
+    model = AutoModelForImageTextToText.from_config(config)
+    assert is_vision_language(config.to_dict())
+    matched = {n: type(m).__name__ for n, m in model.named_modules()
+               if re.fullmatch(vision_targets(model, language=True, vision=True), n)}
+    assert set(matched.values()) == {"Linear"}, matched
+    assert sorted({n.split(".", 4)[-1] for n in matched if ".visual." in n}) == ["attn.proj", "attn.qkv", "mlp.fc1",
+                                                                                  "mlp.fc2"]
+    assert sum(".visual.blocks." in n for n in matched) == 2 * 4
+    assert sum(".language_model.layers." in n for n in matched) == 2 * 7 and len(matched) == 2 * 4 + 2 * 7
+
+
+def test_a_vision_plan_keeps_liger_off_and_says_so():
+    from dataclasses import replace
+
+    from training_hub.config import LoraSFTConfig
+    from training_hub.hardware import Hardware
+    from training_hub.models.vision import plan_config, vision_plan
+    from training_hub.plan import ModelShape, make_plan
+
+    h200 = Hardware(device="cuda", gpu_name="NVIDIA H200", gpu_count=1, bf16_supported=True, total_memory_gib=139.8,
+                    free_memory_gib=139.3, flex_attention_usable=True, liger_kernel_installed=True)
+    shape = ModelShape(hidden_size=1536, intermediate_size=8960, num_layers=28, vocab_size=151936,
+                       num_parameters=1_500_000_000, tied_embeddings=True)
+    config = plan_config(LoraSFTConfig(model_path="m", data_path="d", ckpt_output_dir="o", effective_batch_size=8))
+    text_plan = make_plan(config, h200, "peft", shape)
+    assert text_plan.liger_kernel and text_plan.attn_implementation == "sdpa"  # unpacked: no FlexAttention
+    plan = vision_plan(text_plan)
+    assert not plan.liger_kernel and not any(n.startswith("Liger kernels for") for n in plan.notes)
+    assert "Liger kernels not applied to a vision-language model" in " ".join(plan.notes)
+    assert any("no sample packing" in n for n in plan.notes) and not plan.sample_packing
+    assert vision_plan(replace(text_plan, liger_kernel=False, notes=[])).notes[0].startswith("backend peft")
+
+
 def test_detection_reads_config_json_and_imports_transformers_only_for_a_vision_config(tiny_vision_model,
                                                                                        tiny_model_factory):
     # Unsloth must be imported before transformers: a text model's detection must not import it.

@@ -270,10 +270,11 @@ def load_full_model(path: str, plan, trust_remote_code: bool):
     """The whole model, every parameter trainable, in the dtype phase 1 trains in."""
     from transformers import AutoModelForCausalLM
 
+    from .models.attention import loadable_attention
     from .models.common import device_map, torch_dtype
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(load_dtype(plan.dtype)),
-                                                attn_implementation=plan.attn_implementation,
+                                                attn_implementation=loadable_attention(plan.attn_implementation),
                                                 device_map=device_map(plan), trust_remote_code=trust_remote_code)
 
 

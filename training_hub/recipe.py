@@ -159,7 +159,7 @@ def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str, vision: b
     from . import checkpoints, hardware
     from .data import DataSettings, load_tokenizer, tokenize_examples
     from .data.vision import load_processor, tokenize_vision_examples
-    from .models.vision import plan_config, vision_notes
+    from .models.vision import plan_config, vision_plan
     from .plan import ModelShape, make_plan
 
     settings = DataSettings.from_config(config).tokenizing()
@@ -180,7 +180,7 @@ def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str, vision: b
     shape = ModelShape.from_config(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code))
     plan = make_plan(config, hw, backend, shape, hardware.world_size(), train.summary)
     if vision:
-        plan.notes += vision_notes()
+        plan = vision_plan(plan)
     logger.info(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
     fingerprint = checkpoints.data_fingerprint(data.train.fingerprint, train.summary.to_dict())
     return Prepared(plan, tokenizer, train, evaluation, fingerprint, processor)

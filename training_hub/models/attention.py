@@ -60,6 +60,12 @@ def register_flex_attention() -> str:
     return FLEX_ATTENTION
 
 
+def loadable_attention(name: str) -> str:
+    """`name`, ready to pass as `attn_implementation` to `from_pretrained`: training_hub's FlexAttention kernel is
+    registered first (transformers checks the name against its registry, which starts empty in each process)."""
+    return register_flex_attention() if name == FLEX_ATTENTION else name
+
+
 def packed_block_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                       mask_function=None, attention_mask=None, device="cpu", **kwargs):
     """transformers' mask-builder signature: the BlockMask of `mask_function` (causal, and per document when the

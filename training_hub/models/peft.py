@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import LoraSFTConfig
 from ..plan import RunPlan
 from .adapters import adapter_targets
-from .attention import FLEX_ATTENTION, register_flex_attention
+from .attention import loadable_attention
 from .common import LoadedModel, check_quantized, count_parameters, device_map, lora_kwargs, quantization_config, torch_dtype
 from .targets import check_targets_exist, linear_projection_names
 from .vision import auto_model_class, vision_targets
@@ -17,12 +17,10 @@ def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer, vision: boo
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     quant = quantization_config(config, plan.dtype)
-    if plan.attn_implementation == FLEX_ATTENTION:
-        register_flex_attention()  # before loading: transformers checks the name against its registry
     model = auto_model_class(vision).from_pretrained(
         config.model_path,
         dtype=torch_dtype(plan.dtype),
-        attn_implementation=plan.attn_implementation,
+        attn_implementation=loadable_attention(plan.attn_implementation),
         quantization_config=quant,
         device_map=device_map(plan),
         trust_remote_code=config.trust_remote_code,

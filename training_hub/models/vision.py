@@ -91,6 +91,18 @@ def cache_problem(data_output_dir: str | None) -> str | None:
             "name images that the processor reads per batch); leave it unset")
 
 
+def vision_plan(plan):
+    """A vision-language run's plan: its notes, and Liger's kernels off. transformers applies Liger per model type,
+    which for these models also patches the vision encoder, and for Qwen2-VL in transformers 5.x its RoPE patch
+    replaces a function the model no longer calls; only text models were measured and tested with Liger."""
+    import dataclasses
+
+    notes = [note for note in plan.notes if not note.startswith("Liger kernels")]
+    if plan.liger_kernel:
+        notes.append("Liger kernels not applied to a vision-language model (measured and tested on text models only)")
+    return dataclasses.replace(plan, liger_kernel=False, notes=notes + vision_notes())
+
+
 def vision_notes() -> list[str]:
     """What the plan says of a vision-language run."""
     return ["backend peft for a vision-language model (AutoModelForImageTextToText + AutoProcessor; the Unsloth "
@@ -121,7 +133,11 @@ def vision_targets(model, language: bool, vision: bool) -> str:
             raise ValueError(f"found no linear layers inside the {what} blocks of {type(model).__name__} (looked under "
                              f"{', '.join(roots)}); pass target_modules explicitly")
         towers.update(found)
-    alternatives = [rf"{re.escape(prefix)}\..*\.(?:{'|'.join(sorted(names))})" for prefix, names in sorted(towers.items())]
+    # Inside a numbered block only: the same names also occur outside the blocks (Qwen2-VL's patch embedding
+    # convolution is `visual.patch_embed.proj`, beside the blocks' `attn.proj`).
+    blocks = "|".join(BLOCK_LISTS)
+    alternatives = [rf"{re.escape(prefix)}\.(?:[^.]+\.)*?(?:{blocks})\.\d+\.(?:[^.]+\.)*(?:{'|'.join(sorted(names))})"
+                    for prefix, names in sorted(towers.items())]
     return "|".join(alternatives) if len(alternatives) == 1 else "(?:" + ")|(?:".join(alternatives) + ")"
 
 
