@@ -231,12 +231,16 @@ def build_and_save(family: str, bench: dict, folder: Path) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from training_hub.tiny import pad_vocabulary
+
     size = size_name(bench)
     if family == "qwen2-vl":
         processor = qwen2_vl_processor(qwen2_vl_tokenizer(), IMAGE_SIZE[(family, size)])
         config = qwen2_vl_config(processor.tokenizer, size)
     else:
         processor, config = llava_parts(size)
+    # A real-shaped embedding (151,936 rows) with the small trained tokenizer: filler tokens make up the vocabulary.
+    processor.tokenizer = pad_vocabulary(processor.tokenizer, config.text_config.vocab_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):

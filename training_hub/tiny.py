@@ -156,26 +156,28 @@ def save_random_model(config, tokenizer, output_dir: str | Path, device: str = "
 def pad_vocabulary(tokenizer, size: int):
     """The tokenizer with unreachable filler tokens appended to its BPE vocabulary (no merge produces them) up to
     `size` entries, so that a small trained tokenizer fits a real-shaped model's embedding as a real vocabulary does
-    (lora_sft refuses a tokenizer far smaller than the embedding as another model's). Encoding is unchanged."""
+    (lora_sft refuses a tokenizer far smaller than the embedding as another model's). Encoding, special tokens and
+    the chat template are unchanged (the tokenizer is saved, its tokenizer.json extended and loaded again)."""
     import json
+    import tempfile
 
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     if len(tokenizer) >= size:
         return tokenizer
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = state["model"]["vocab"]
-    taken = set(vocab.values()) | {token["id"] for token in state["added_tokens"]}
-    filler = (i for i in range(size) if i not in taken)
-    for index, token_id in enumerate(filler):
-        vocab[f"<|filler_{index}|>"] = token_id
-    padded = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
-                                     **{name: getattr(tokenizer, name) for name in
-                                        ("bos_token", "eos_token", "pad_token", "unk_token")},
-                                     clean_up_tokenization_spaces=False)
-    padded.chat_template = tokenizer.chat_template
-    return padded
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        path = Path(folder) / "tokenizer.json"
+        state = json.loads(path.read_text())
+        vocab = state["model"]["vocab"]
+        # Tokens added after training (e.g. "<image>") enter the BPE vocabulary at their ids: on loading, an added
+        # token missing from it would be renumbered after the vocabulary's end, onto a filler's id.
+        vocab.update({token["content"]: token["id"] for token in state["added_tokens"]})
+        taken = set(vocab.values())
+        for index, token_id in enumerate(i for i in range(size) if i not in taken):
+            vocab[f"<|filler_{index}|>"] = token_id
+        path.write_text(json.dumps(state))
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def save_tiny_model(
