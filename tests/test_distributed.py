@@ -404,29 +404,32 @@ def test_sigterm_to_the_caller_reaches_the_workers_which_save_and_stop(settings,
 
 
 @pytest.mark.slow
-def test_a_sharded_adapter_is_gathered_whole_and_accelerate_still_refuses_fsdp_to_cpu_processes(tiny_model_factory,
-                                                                                                tmp_path):
-    """Two gloo processes shard a tiny PEFT model with fully_shard: each holds about half of the frozen base, and the
-    adapter gathered on rank 0 is a normal PEFT adapter equal to the unsharded one. The canary: accelerate still
-    gives CPU processes plain DDP for an FSDP plugin; when this fails, the CPU refusal of model splitting can go."""
+def test_two_ranks_tokenize_once_and_gather_a_sharded_adapter_whole(tiny_model_factory, greeting_jsonl, tmp_path):
+    """Two gloo processes of one node (tests/two_rank_job.py). The local main process tokenizes, the other reads its
+    cache. A tiny PEFT model sharded with fully_shard: each rank holds about half of the frozen base, and the adapter
+    gathered on rank 0 is a normal PEFT adapter equal to the unsharded one. The canary: accelerate still gives CPU
+    processes plain DDP for an FSDP plugin; when that fails, the CPU refusal of model splitting can go."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base, out = tiny_model_factory("qwen2", "chatml"), tmp_path / "adapter"
+    base = tiny_model_factory("qwen2", "chatml")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(JOB.with_name("fsdp_gather_job.py")), str(base), str(out)],
+                           str(JOB.with_name("two_rank_job.py")), str(base), str(greeting_jsonl), str(tmp_path)],
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
                    key=lambda r: r["rank"])
-    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["layers"] == ["Qwen2DecoderLayer"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["tokenized_from_cache"] for r in ranks] == [False, True]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert ranks[0]["layers"] == ["Qwen2DecoderLayer"]
     assert all(0.4 < r["frozen_share"] < 0.6 for r in ranks), [r["frozen_share"] for r in ranks]
     assert ranks[0]["gathered_equal"] and ranks[1]["gathered_keys"] == 0  # gathered on rank 0's CPU only
     assert [r["accelerate_cpu_fsdp"] for r in ranks] == [False, False], ranks[0]["accelerate_cpu_distributed_type"]
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "adapter")
     loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert loaded.keys() == ranks[0]["lora"].keys()
     assert all(torch.equal(loaded[k], torch.tensor(v)) for k, v in ranks[0]["lora"].items())
