@@ -164,10 +164,19 @@ def activation_bytes_per_token(shape: ModelShape, checkpointing: str) -> float:
     return full_layer
 
 
-def weight_bytes(shape: ModelShape, quantization: str | None, shards: int = 1) -> float:
-    """The base weights one GPU holds: all of them, or 1/`shards` under FSDP2."""
+# Decoder layers an FSDP2 rank holds gathered whole at once: the one computing and the next one, prefetched.
+FSDP_GATHERED_LAYERS = 2
+
+
+def weight_bytes(shape: ModelShape, quantization: str | None, fsdp_shards: int | None = None) -> float:
+    """The base weights one GPU holds: all of them, or under FSDP2 over `fsdp_shards` processes its 1/fsdp_shards
+    plus `FSDP_GATHERED_LAYERS` layers gathered whole (over one process too: the gathered copy is a second one)."""
     per_param = {"4bit": 0.56, "8bit": 1.06}.get(quantization or "", 2.0)
-    return shape.num_parameters * per_param / shards
+    if fsdp_shards is None:
+        return shape.num_parameters * per_param
+    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
+    layer = (shape.num_parameters - embeddings) / shape.num_layers
+    return (shape.num_parameters / fsdp_shards + FSDP_GATHERED_LAYERS * layer) * per_param
 
 
 # Planned per GPU besides the weights and activations: CUDA context, LoRA weights, gradients, optimizer state.
@@ -175,16 +184,16 @@ FIXED_GPU_BYTES = 2 * 2**30
 
 
 def max_micro_batch_that_fits(shape: ModelShape, seq_len: int, checkpointing: str, free_gib: float,
-                              quantization: str | None, shards: int = 1) -> int:
-    budget = free_gib * 2**30 * MEMORY_HEADROOM - weight_bytes(shape, quantization, shards) - FIXED_GPU_BYTES
+                              quantization: str | None, fsdp_shards: int | None = None) -> int:
+    budget = free_gib * 2**30 * MEMORY_HEADROOM - weight_bytes(shape, quantization, fsdp_shards) - FIXED_GPU_BYTES
     per_sequence = activation_bytes_per_token(shape, checkpointing) * seq_len
     return int(max(0, budget) // per_sequence)
 
 
 def choose_checkpointing_and_micro(config: LoraSFTConfig, hw: Hardware, shape: ModelShape | None, seq_len: int,
-                                   backend: str, shards: int = 1) -> tuple[str, int, list[str]]:
+                                   backend: str, fsdp_shards: int | None = None) -> tuple[str, int, list[str]]:
     """Pick gradient checkpointing (unless given) and the largest micro batch that fits with it (each GPU holding
-    1/`shards` of the weights under FSDP2)."""
+    its share of the weights under FSDP2, see `weight_bytes`)."""
     explicit = {True: "on", False: "off", "offload": "offload"}.get(config.gradient_checkpointing)
     if explicit == "offload" and backend != "unsloth":
         raise ConfigError(["gradient_checkpointing='offload' is Unsloth's offloaded checkpointing; "
@@ -195,7 +204,7 @@ def choose_checkpointing_and_micro(config: LoraSFTConfig, hw: Hardware, shape: M
     options = [explicit] if explicit else ["off", "on", "offload"] if backend == "unsloth" else ["off", "on"]
     wanted = config.micro_batch_size if isinstance(config.micro_batch_size, int) else 1
     for mode in options:
-        fits = max_micro_batch_that_fits(shape, seq_len, mode, hw.free_memory_gib, quant, shards)
+        fits = max_micro_batch_that_fits(shape, seq_len, mode, hw.free_memory_gib, quant, fsdp_shards)
         if fits >= wanted or mode == options[-1]:
             why = f"estimated {fits} sequence(s) of {seq_len} tokens fit in {MEMORY_HEADROOM:.0%} of {hw.free_memory_gib:.0f} GiB free"
             notes = [] if explicit else [f"gradient checkpointing {mode} ({why})"]
@@ -340,8 +349,8 @@ def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelSha
     quantization = "4bit" if config.load_in_4bit else "8bit" if config.load_in_8bit else None
     splitting, split_notes = resolve_model_splitting(config.enable_model_splitting, hw, world, launched, quantization,
                                                      config.bnb_4bit_compute_dtype or dtype)
-    shards = world if splitting == "fsdp2" else 1
-    checkpointing, max_micro, ckpt_notes = choose_checkpointing_and_micro(config, hw, shape, seq_len, backend, shards)
+    checkpointing, max_micro, ckpt_notes = choose_checkpointing_and_micro(config, hw, shape, seq_len, backend,
+                                                                          world if splitting == "fsdp2" else None)
     micro, accumulation, effective, batch_notes = resolve_batch(
         config.effective_batch_size, config.micro_batch_size, config.gradient_accumulation_steps, world, max_micro)
     optim, optim_notes = resolve_optimizer(config, hw, splitting == "fsdp2")
