@@ -276,9 +276,9 @@ def make_launch_plan(config, gpu_count: int) -> LaunchPlan:
 
     nproc = resolve_nproc(config.nproc_per_node, gpu_count)
     if config.enable_model_splitting:  # the workers would shard the model: refused before any of them starts
-        quantization = "4bit" if config.load_in_4bit else "8bit" if config.load_in_8bit else None
-        if sharding_problems(gpu_count, quantization):
-            raise ConfigError(sharding_problems(gpu_count, quantization))
+        problems = sharding_problems(gpu_count, "8bit" if config.load_in_8bit else None)
+        if problems:
+            raise ConfigError(problems)
     if gpu_count and nproc > gpu_count:
         raise ConfigError([f"nproc_per_node={config.nproc_per_node!r}: this node has {gpu_count} visible GPU(s), one "
                            f"per process; valid values: {list(range(1, gpu_count + 1))}, 'auto' or 'gpu'"])
