@@ -98,7 +98,7 @@ def launch_problems(config, environ: Mapping[str, str]) -> list[str]:
         p.append("rdzv_id='': give the job's id (the same on every node) or leave it unset")
     if under_launcher(environ):
         p += _running_launch_problems(c, environ)
-    return p + model_splitting_problems(c, environ)
+    return p + model_splitting_problems(c)
 
 
 def _running_launch_problems(c, environ: Mapping[str, str]) -> list[str]:
@@ -122,7 +122,7 @@ def _running_launch_problems(c, environ: Mapping[str, str]) -> list[str]:
     return p
 
 
-def model_splitting_problems(c, environ: Mapping[str, str]) -> list[str]:
+def model_splitting_problems(c) -> list[str]:
     """`enable_model_splitting` settings refused before anything loads (the hardware is checked in the plan)."""
     if not c.enable_model_splitting:
         return []
