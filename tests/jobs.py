@@ -26,6 +26,16 @@ def train(**kwargs) -> dict:
     return json.loads(run_job(**kwargs).stdout.strip().splitlines()[-1])
 
 
+def train_under_torchrun(nproc: int = 1, **kwargs) -> dict:
+    """Run `lora_sft(**kwargs)` in a torchrun launch of `nproc` processes (e2e_job.py in each) that must succeed;
+    returns the summary printed last."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(JOB),
+               json.dumps(kwargs)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def metric_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines() if line.strip()]
 

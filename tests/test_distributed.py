@@ -158,26 +158,108 @@ def test_optimizer_state_loads_with_an_indexed_cpu_location(tmp_path):
     assert torch.equal(loaded["exp_avg"], torch.ones(3))
 
 
+H200S = dict(device="cuda", gpu_name="H200", bf16_supported=True, total_memory_gib=141, free_memory_gib=140,
+             bitsandbytes_installed=True, flex_attention_usable=True)
+
+
 def test_model_splitting_spreads_layers_over_the_gpus_of_one_process_and_is_refused_elsewhere():
     from training_hub.hardware import Hardware
     from training_hub.models.common import device_map
     from training_hub.plan import make_plan
 
-    four_gpus = Hardware(device="cuda", gpu_name="H200", gpu_count=4, bf16_supported=True, total_memory_gib=141,
-                         free_memory_gib=140)
+    four_gpus = Hardware(gpu_count=4, **H200S)
     plan = make_plan(config(enable_model_splitting=True), four_gpus, "peft", None)
     assert plan.model_splitting == "balanced" and device_map(plan) == "balanced"
     assert any("model split over 4 GPUs" in note for note in plan.notes)
     assert device_map(make_plan(config(), four_gpus, "peft", None)) == {"": 0}
     for hw, world, fragment in [(Hardware(device="cpu"), 1, "on the CPU: there is nothing to split over"),
                                 (dataclasses.replace(four_gpus, gpu_count=1), 1, "with 1 visible GPU: nothing to split"),
-                                (four_gpus, 2, "accelerate 1.15 turns FSDP on only for GPU processes")]:
+                                (Hardware(device="cpu"), 2, "accelerate 1.15 turns FSDP on only for GPU processes")]:
         with pytest.raises(ConfigError, match=fragment):
             make_plan(config(enable_model_splitting=True), hw, "peft", None, world)
     with pytest.raises(ConfigError) as info:
         config(enable_model_splitting=True, backend="unsloth", nproc_per_node=2)
     assert "Unsloth's kernels and patches assume the whole model on one GPU" in str(info.value)
-    assert "with several processes would shard the frozen base" in str(info.value)
+
+
+@pytest.mark.parametrize("world, launched, gpus, quantization, route", [
+    (1, False, 4, None, "balanced"),  # one plain process: the layers spread over its GPUs
+    (2, True, 2, None, "fsdp2"),  # torchrun / lora_sft's own workers: FSDP2 sharding
+    (1, True, 1, None, "fsdp2"),  # torchrun --nproc-per-node 1: the same route, over one process
+    (8, True, 8, "4bit", "fsdp2"),
+    (2, True, 0, None, "CPU processes"),
+    (1, True, 0, None, "CPU processes"),
+    (2, True, 2, "8bit", "int8 tensors that FSDP2 cannot shard"),
+    (1, False, 1, None, "with 1 visible GPU"),
+])
+def test_which_model_splitting_route_runs(world, launched, gpus, quantization, route):
+    from training_hub.hardware import Hardware
+
+    hw = Hardware(gpu_count=gpus, **H200S) if gpus else Hardware(device="cpu")
+    if route in ("balanced", "fsdp2"):
+        assert distributed.resolve_model_splitting(True, hw, world, launched, quantization)[0] == route
+    else:
+        with pytest.raises(ConfigError, match=route):
+            distributed.resolve_model_splitting(True, hw, world, launched, quantization)
+    assert distributed.resolve_model_splitting(False, hw, world, launched, quantization) == (None, [])
+
+
+def test_the_fsdp2_plan_and_its_training_arguments():
+    from training_hub.hardware import Hardware
+    from training_hub.models.common import device_map, quantization_config
+    from training_hub.plan import ModelShape, make_plan
+    from training_hub.training import build_sft_config, fsdp_settings
+
+    shape = ModelShape(hidden_size=8192, intermediate_size=28672, num_layers=80, vocab_size=128256,
+                       num_parameters=70_553_706_496)
+    eight = Hardware(gpu_count=8, **H200S)
+    settings = config(enable_model_splitting=True, backend="peft", gradient_checkpointing=True)
+    plan = make_plan(settings, eight, "peft", shape, 8, launched=True)
+    assert (plan.model_splitting, plan.optim, plan.attn_implementation) == ("fsdp2", "adamw_torch", "sdpa")
+    notes = " ".join(plan.notes)
+    assert "each GPU holds 1/8 of the base weights, of the LoRA weights and of their optimizer state" in notes
+    assert "Unsloth patches its own kernels onto one whole model per GPU" in notes
+    assert "each process loads the base into CPU RAM" in notes and device_map(plan) == {"": "cpu"}
+    # a 70B base does not fit one H200 in 16 bits (the estimate fits no sequence): sharded over 8 it leaves room
+    auto = dict(backend="peft", micro_batch_size="auto", gradient_checkpointing=True)
+    assert make_plan(config(**auto), eight, "peft", shape, 8).micro_batch_size == 1
+    assert make_plan(config(**auto, enable_model_splitting=True), eight, "peft", shape, 8, launched=True).micro_batch_size > 4
+
+    on_cpu_args = dataclasses.replace(plan, device="cpu", dtype="float32")  # TrainingArguments built on this machine
+    args = build_sft_config(settings, on_cpu_args, "out", layer_classes=["LlamaDecoderLayer"])
+    assert args.fsdp and args.fsdp_plugin_args == {
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_cls_names_to_wrap": "LlamaDecoderLayer",
+        "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": True,
+        "reshard_after_forward": True}
+    assert not args.gradient_checkpointing  # FSDP's activation checkpointing instead (Trainer refuses both)
+    with pytest.raises(ValueError, match="names no decoder layer class"):
+        fsdp_settings([], False)
+
+    qlora = make_plan(config(enable_model_splitting=True, load_in_4bit=True), eight, "peft", shape, 8, launched=True)
+    assert any("4-bit weights stored as bfloat16 (bnb_4bit_quant_storage)" in note for note in qlora.notes)
+    assert device_map(qlora, quantized=True) == {"": 0}  # bitsandbytes quantizes on the GPU
+    assert quantization_config(config(load_in_4bit=True), "bfloat16", sharded=True).bnb_4bit_quant_storage == torch_bf16()
+    with pytest.raises(ConfigError, match="optim='paged_adamw_8bit' with enable_model_splitting under a launch"):
+        make_plan(config(enable_model_splitting=True, optim="paged_adamw_8bit"), eight, "peft", shape, 8, launched=True)
+    single = make_plan(config(enable_model_splitting=True), Hardware(gpu_count=1, **H200S), "peft", shape, 1, launched=True)
+    assert any("FSDP2 over one process: the one shard is the whole model, so it saves no memory" in n for n in single.notes)
+
+
+def torch_bf16():
+    import torch
+
+    return torch.bfloat16
+
+
+def test_a_launch_that_would_shard_on_the_cpu_is_refused_before_any_process_starts():
+    for settings, fragment in [(config(enable_model_splitting=True, nproc_per_node=2), "with CPU processes"),
+                               (config(enable_model_splitting=True, nnodes=2, nproc_per_node=1, rdzv_endpoint="n0:1"),
+                                "accelerate 1.15 turns FSDP on only for GPU processes")]:
+        with pytest.raises(ConfigError, match=fragment):
+            distributed.make_launch_plan(settings, gpu_count=0)
+    with pytest.raises(ConfigError, match="load_in_8bit=True under a launch"):
+        distributed.make_launch_plan(config(enable_model_splitting=True, load_in_8bit=True, nproc_per_node=2), 2)
+    assert distributed.make_launch_plan(config(enable_model_splitting=True, nproc_per_node=2), 2).world_size == 2
 
 
 def test_model_splitting_on_the_cpu_fails_before_a_model_loads(tiny_model_factory, greeting_jsonl, tmp_path):
@@ -319,3 +401,35 @@ def test_sigterm_to_the_caller_reaches_the_workers_which_save_and_stop(settings,
     remove_launch_logs(summary["error"])
     (saved,) = out.glob("checkpoint-*")
     assert checkpoints.is_complete(saved) and (saved / "rng_state_0.pth").exists() and (saved / "rng_state_1.pth").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_tokenize_once_and_gather_a_sharded_adapter_whole(tiny_model_factory, greeting_jsonl, tmp_path):
+    """Two gloo processes of one node (tests/two_rank_job.py). The local main process tokenizes, the other reads its
+    cache. A tiny PEFT model sharded with fully_shard: each rank holds about half of the frozen base, and the adapter
+    gathered on rank 0 is a normal PEFT adapter equal to the unsharded one. The canary: accelerate still gives CPU
+    processes plain DDP for an FSDP plugin; when that fails, the CPU refusal of model splitting can go."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_factory("qwen2", "chatml")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(JOB.with_name("two_rank_job.py")), str(base), str(greeting_jsonl), str(tmp_path)],
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["tokenized_from_cache"] for r in ranks] == [False, True]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert ranks[0]["layers"] == ["Qwen2DecoderLayer"]
+    assert all(0.4 < r["frozen_share"] < 0.6 for r in ranks), [r["frozen_share"] for r in ranks]
+    assert ranks[0]["gathered_equal"] and ranks[1]["gathered_keys"] == 0  # gathered on rank 0's CPU only
+    assert [r["accelerate_cpu_fsdp"] for r in ranks] == [False, False], ranks[0]["accelerate_cpu_distributed_type"]
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "adapter")
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == ranks[0]["lora"].keys()
+    assert all(torch.equal(loaded[k], torch.tensor(v)) for k, v in ranks[0]["lora"].items())

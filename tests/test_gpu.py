@@ -1,4 +1,4 @@
-"""End-to-end training on a GPU: Unsloth LoRA, Unsloth QLoRA and plain PEFT LoRA.
+"""End-to-end training on a GPU: Unsloth LoRA, Unsloth QLoRA, plain PEFT LoRA, and FSDP2 model splitting.
 
 The base is a random-init model of Qwen2.5-0.5B's shape (bf16, built on the GPU) with the tiny ChatML
 tokenizer; the data are conftest's greeting conversations. Each training run is its own process
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sample_data import greeting_conversations, write_jsonl
-from jobs import losses, train
+from jobs import losses, train, train_under_torchrun
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -216,3 +216,44 @@ def test_flex_packed_loss_and_gradients_equal_unpacked(tmp_path, tokenizer_facto
     assert abs(result["packed_loss"] - result["unpacked_loss"]) < 1e-2 * result["unpacked_loss"], result
     assert result["max_logit_gap"] < 5e-2 * result["max_abs_logit"], result
     assert result["grad_rel_gap"] < 5e-2, result
+
+
+FSDP_STEPS, FSDP_RESUMED_STEPS = 10, 14
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
+def test_fsdp2_model_splitting_under_torchrun_saves_a_peft_adapter_and_resumes(base_model, greetings, tmp_path,
+                                                                               load_in_4bit):
+    """enable_model_splitting under `torchrun --nproc-per-node 1`: the FSDP2 route over one process (it saves no
+    memory there, but runs the whole sharded path: wrap, train, the adapter gathered and saved, resume). The
+    adapter is a normal PEFT adapter of full shapes; a second launch with more steps resumes from the last
+    checkpoint and goes on from its loss, not from the start."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / ("fsdp2-qlora" if load_in_4bit else "fsdp2-lora")
+    settings = dict(model_path=str(base_model), data_path=str(greetings), ckpt_output_dir=str(out), backend="peft",
+                    enable_model_splitting=True, load_in_4bit=load_in_4bit, lora_r=16, lora_alpha=32,
+                    learning_rate=1e-3, warmup_steps=2, effective_batch_size=8, max_seq_len=256, logging_steps=1,
+                    save_steps=5, data_output_dir="none")
+    summary = train_under_torchrun(**settings, max_steps=FSDP_STEPS)
+    plan = summary["plan"]
+    assert plan["model_splitting"] == "fsdp2" and plan["world_size"] == 1 and plan["backend"] == "peft", plan
+    assert any("FSDP2" in note for note in plan["notes"]) and plan["optim"] == "adamw_torch", plan["notes"]
+    curve = losses(out)
+    assert len(curve) == FSDP_STEPS and all(math.isfinite(x) for x in curve), curve
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, f"loss did not fall: {curve}"
+    weights = load_file(out / "adapter_model.safetensors")
+    q_a = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    down_b = weights["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
+    assert tuple(q_a.shape) == (16, SHAPE["hidden_size"]) and tuple(down_b.shape) == (SHAPE["hidden_size"], 16)
+    assert len(weights) == 2 * len(PROJECTIONS) * SHAPE["num_hidden_layers"], sorted(weights)[:4]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert (out / "checkpoint-10" / "pytorch_model_fsdp.bin").is_file()  # accelerate's resume state
+    generated = check_adapter_and_generate(out, base_model)
+
+    resumed = train_under_torchrun(**settings, max_steps=FSDP_RESUMED_STEPS, resume_from_checkpoint=True)
+    assert resumed["metrics"]["global_step"] == FSDP_RESUMED_STEPS
+    after = losses(out)
+    assert len(after) == FSDP_RESUMED_STEPS and after[:FSDP_STEPS] == curve, after
+    assert sum(after[FSDP_STEPS:]) / 4 < sum(curve[:3]) / 3, f"the resumed steps start over: {after}"
+    report(f"fsdp2_{'qlora' if load_in_4bit else 'lora'}_torchrun_1", summary, curve, generated)

@@ -126,8 +126,10 @@ def resumed_train_loss(metrics_path: Path) -> float | None:
     return total / steps if steps else None
 
 
+# What a checkpoint holds besides the adapter and tokenizer; under FSDP2 accelerate adds the gathered trainable
+# weights and optimizer state (pytorch_model_fsdp.bin, optimizer.bin) it resumes from.
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", TRAINER_STATE, "training_args.bin",
-                        "README.md", COMPLETE_MARKER)
+                        "README.md", COMPLETE_MARKER, "pytorch_model_fsdp.bin", "optimizer.bin")
 
 
 def copy_adapter(checkpoint: Path, out: Path, step: int | None) -> None:

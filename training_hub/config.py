@@ -208,10 +208,14 @@ class LoraSFTConfig:
     rdzv_endpoint: str | None = param(None, "'host:port' where the nodes meet (c10d); not with master_addr/master_port")
     master_addr: str | None = param(None, "the torchrun-style meeting host, with node_rank")
     master_port: int | None = param(None, "the torchrun-style meeting port (default 29500)")
-    enable_model_splitting: bool = param(False, "one process spreads the model's layers over the visible GPUs "
-                                                "(device_map='balanced', peft backend); refused on the CPU, with one "
-                                                "GPU, with backend='unsloth' and with several processes (FSDP2 "
-                                                "sharding is not enabled yet: docs/distributed.md)")
+    enable_model_splitting: bool = param(False, "for a model larger than one GPU (peft backend): under a launch "
+                                                "(torchrun, nproc_per_node, nnodes) FSDP2 shards the base, LoRA and "
+                                                "optimizer state over the GPU processes (each holds 1/N; the adapter "
+                                                "is saved whole); one plain process spreads the layers over its GPUs "
+                                                "(device_map='balanced'). Refused with CPU processes (accelerate runs "
+                                                "FSDP on GPUs only), with load_in_8bit under a launch, with "
+                                                "backend='unsloth', and in one process with fewer than 2 GPUs "
+                                                "(docs/distributed.md)")
 
     # Misc.
     trust_remote_code: bool = param(False, "allow the model's own Python code to run")

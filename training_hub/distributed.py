@@ -98,7 +98,7 @@ def launch_problems(config, environ: Mapping[str, str]) -> list[str]:
         p.append("rdzv_id='': give the job's id (the same on every node) or leave it unset")
     if under_launcher(environ):
         p += _running_launch_problems(c, environ)
-    return p + model_splitting_problems(c, environ)
+    return p + model_splitting_problems(c)
 
 
 def _running_launch_problems(c, environ: Mapping[str, str]) -> list[str]:
@@ -122,7 +122,7 @@ def _running_launch_problems(c, environ: Mapping[str, str]) -> list[str]:
     return p
 
 
-def model_splitting_problems(c, environ: Mapping[str, str]) -> list[str]:
+def model_splitting_problems(c) -> list[str]:
     """`enable_model_splitting` settings refused before anything loads (the hardware is checked in the plan)."""
     if not c.enable_model_splitting:
         return []
@@ -130,40 +130,91 @@ def model_splitting_problems(c, environ: Mapping[str, str]) -> list[str]:
     if c.backend == "unsloth":
         p.append("enable_model_splitting=True with backend='unsloth': Unsloth's kernels and patches assume the whole "
                  "model on one GPU; use backend='peft' (backend='auto' picks it for model splitting)")
-    several = (isinstance(c.nproc_per_node, int) and c.nproc_per_node > 1) or (c.nnodes or 1) > 1 or (
-        under_launcher(environ) and int(environ.get("WORLD_SIZE", "1")) > 1)
-    if several:
-        p.append(SHARDING_REFUSED)
     return p
 
 
-# Why several processes do not shard the model (FSDP2) yet.
-SHARDING_REFUSED = (
-    "enable_model_splitting=True with several processes would shard the frozen base over them (FSDP2), which is not "
-    "enabled yet: accelerate 1.15 turns FSDP on only for GPU processes (CPU processes get plain DDP with the FSDP "
-    "settings ignored), so it cannot be tested on the CPU, and it has not been run on several GPUs. Use one process "
-    "(no nproc_per_node, not under torchrun) to spread the layers over the visible GPUs, or load_in_4bit=True "
-    "(QLoRA) to fit a larger model on each GPU")
+# Why CPU processes do not shard the model.
+CPU_SHARDING_REFUSED = (
+    "enable_model_splitting=True with CPU processes: sharding (FSDP2) runs through transformers' Trainer and "
+    "accelerate, and accelerate 1.15 turns FSDP on only for GPU processes (a CPU/gloo launch gets plain DDP with the "
+    "FSDP settings ignored, and DDP refuses sharded parameters). On the CPU leave enable_model_splitting unset "
+    "(every process holds the whole model in RAM); shard on GPUs")
+EIGHT_BIT_SHARDING_REFUSED = (
+    "enable_model_splitting=True with load_in_8bit=True under a launch (FSDP2 sharding): bitsandbytes stores 8-bit weights "
+    "as int8 tensors that FSDP2 cannot shard; use load_in_4bit=True (stored in the compute dtype, which FSDP2 shards) "
+    "or 16-bit LoRA")
 
 
-def resolve_model_splitting(enabled: bool, hw, world_size: int) -> tuple[str | None, list[str]]:
-    """("balanced", notes) when one process spreads the model's layers over the visible GPUs (transformers'
-    device_map="balanced", the layers run one GPU after another); (None, []) when splitting is off. Raises
-    ConfigError where it cannot run."""
+def resolve_model_splitting(enabled: bool, hw, world_size: int, launched: bool = False, quantization: str | None = None,
+                            compute_dtype: str = "bfloat16") -> tuple[str | None, list[str]]:
+    """How `enable_model_splitting` runs, with the plan's notes: "fsdp2" when the run has its own processes
+    (`launched`: torchrun or lora_sft's own launch, even one process), "balanced" when one plain process spreads the
+    layers over the visible GPUs (transformers' device_map="balanced", the layers run one GPU after another), None
+    when splitting is off. Raises ConfigError where it cannot run."""
     from .config import ConfigError
 
     if not enabled:
         return None, []
-    if world_size > 1:
-        raise ConfigError([SHARDING_REFUSED])
+    if launched or world_size > 1:
+        problems = sharding_problems(hw.gpu_count, quantization)
+        if problems:
+            raise ConfigError(problems)
+        return "fsdp2", fsdp2_notes(world_size, quantization == "4bit", compute_dtype)
     if not hw.is_gpu:
         raise ConfigError(["enable_model_splitting=True on the CPU: there is nothing to split over (one process "
                            "already holds the whole model in RAM); leave it unset"])
     if hw.gpu_count < 2:
         raise ConfigError([f"enable_model_splitting=True with {hw.gpu_count} visible GPU: nothing to split over; use "
-                           "load_in_4bit=True (QLoRA: about a quarter of the weight memory) or more GPUs"])
+                           "load_in_4bit=True (QLoRA: about a quarter of the weight memory), more GPUs in one process, "
+                           "or torchrun (FSDP2 sharding over the processes)"])
     return "balanced", [f"model split over {hw.gpu_count} GPUs (device_map='balanced': each holds a share of the "
                         "layers, which run one GPU after another)"]
+
+
+def sharding_problems(gpu_count: int, quantization: str | None) -> list[str]:
+    """Why this node cannot shard the model over its processes (FSDP2), if it cannot."""
+    return ([] if gpu_count else [CPU_SHARDING_REFUSED]) + ([EIGHT_BIT_SHARDING_REFUSED] if quantization == "8bit" else [])
+
+
+def fsdp2_notes(world_size: int, quantized_4bit: bool, compute_dtype: str) -> list[str]:
+    """What the FSDP2 route does and what each rank holds, for the plan's notes."""
+    notes = [f"model sharded over {world_size} process(es) with FSDP2 (transformers' Trainer and accelerate: "
+             "fully_shard of each decoder layer, the embeddings and the head): each GPU holds 1/"
+             f"{world_size} of the base weights, of the LoRA weights and of their optimizer state, and gathers one "
+             "layer at a time to compute; the adapter is gathered on rank 0 and saved as a normal PEFT adapter",
+             "backend peft for FSDP2: Unsloth patches its own kernels onto one whole model per GPU and does not "
+             "support FSDP"]
+    if world_size == 1:
+        notes.append("FSDP2 over one process: the one shard is the whole model, so it saves no memory (the same code "
+                     "path as several GPUs)")
+    if quantized_4bit:
+        notes.append(f"QLoRA under FSDP2: 4-bit weights stored as {compute_dtype} (bnb_4bit_quant_storage) so that "
+                     "FSDP2 can shard them; each process loads the 4-bit base onto its GPU, then keeps its shard")
+    else:
+        notes.append("each process loads the base into CPU RAM (one copy per process on a node), then keeps its "
+                     "shard on its GPU")
+    return notes
+
+
+# ---- tokenizing once per node ----------------------------------------------------------------------------------
+
+def node_main_first(environ: Mapping[str, str], on_gpu: bool, cached: bool):
+    """A context that the node's local main process (local rank 0) runs through first, the node's other processes
+    after it, so that they read the tokenized data from the cache it wrote instead of tokenizing again. Without a
+    cache (`cached` False) or with one process per node every process goes on at once (a null context).
+
+    This starts the process group early, through accelerate's `PartialState`, with the settings transformers'
+    Trainer gives it later (the device kind and TrainingArguments' default `ddp_timeout`), so the Trainer
+    reuses it."""
+    if not cached or int(environ.get("LOCAL_WORLD_SIZE", "1")) < 2:
+        return contextlib.nullcontext()
+    from datetime import timedelta
+
+    from accelerate import PartialState
+    from transformers import TrainingArguments
+
+    state = PartialState(cpu=not on_gpu, timeout=timedelta(seconds=TrainingArguments.ddp_timeout))
+    return state.local_main_process_first()
 
 
 # ---- the launch plan -------------------------------------------------------------------------------------------
@@ -219,10 +270,15 @@ def needs_launch(config, environ: Mapping[str, str], gpu_count: int | None = Non
 
 def make_launch_plan(config, gpu_count: int) -> LaunchPlan:
     """Turn the validated settings into a launch; assumes `launch_problems` found nothing. Raises ConfigError
-    for more processes than GPUs on a GPU machine (two processes cannot share one GPU's NCCL rank)."""
+    for more processes than GPUs on a GPU machine (two processes cannot share one GPU's NCCL rank), and for model
+    splitting the workers could not run (`sharding_problems`)."""
     from .config import ConfigError
 
     nproc = resolve_nproc(config.nproc_per_node, gpu_count)
+    if config.enable_model_splitting:  # the workers would shard the model: refused before any of them starts
+        problems = sharding_problems(gpu_count, "8bit" if config.load_in_8bit else None)
+        if problems:
+            raise ConfigError(problems)
     if gpu_count and nproc > gpu_count:
         raise ConfigError([f"nproc_per_node={config.nproc_per_node!r}: this node has {gpu_count} visible GPU(s), one "
                            f"per process; valid values: {list(range(1, gpu_count + 1))}, 'auto' or 'gpu'"])

@@ -165,15 +165,16 @@ def final_adapter_problem(path: Path) -> str | None:
     return None
 
 
-def save_adapter(model, tokenizer, out: Path, step: int | None = None) -> None:
-    """Write the final adapter + tokenizer to a temporary folder, then move the files in (rank 0 only)."""
+def save_adapter(model, tokenizer, out: Path, step: int | None = None, state_dict: dict[str, Any] | None = None) -> None:
+    """Write the final adapter + tokenizer to a temporary folder, then move the files in (rank 0 only).
+    `state_dict`: the adapter's weights gathered from a sharded model (`training.gathered_adapter_state`)."""
     from .export import vllm_warnings
 
     if not is_main_process():
         return
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
 
     replace_final_adapter(out, fill, step)

@@ -81,7 +81,8 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     flops_per_token: float | None = None
     peak_tflops: float | None = None  # the GPU's nominal dense bf16 rate, for MFU
-    model_splitting: str | None = None  # "balanced": one process spreads the layers over the visible GPUs
+    # "balanced": one process spreads the layers over the visible GPUs; "fsdp2": every process holds 1/world_size
+    model_splitting: str | None = None
 
 
 def resolve_precision(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[str]]:
@@ -173,21 +174,36 @@ def activation_bytes_per_token(shape: ModelShape, checkpointing: str, backend: s
     return per_token * (PEFT_ACTIVATION_RATIO if backend == "peft" else 1.0)
 
 
-def weight_bytes(shape: ModelShape, quantization: str | None) -> float:
+# Decoder layers an FSDP2 rank holds gathered whole at once: the one computing and the next one, prefetched.
+FSDP_GATHERED_LAYERS = 2
+
+
+def weight_bytes(shape: ModelShape, quantization: str | None, fsdp_shards: int | None = None) -> float:
+    """The base weights one GPU holds: all of them, or under FSDP2 over `fsdp_shards` processes its 1/fsdp_shards
+    plus `FSDP_GATHERED_LAYERS` layers gathered whole (over one process too: the gathered copy is a second one)."""
     per_param = {"4bit": 0.56, "8bit": 1.06}.get(quantization or "", 2.0)
-    return shape.num_parameters * per_param
+    if fsdp_shards is None:
+        return shape.num_parameters * per_param
+    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
+    layer = (shape.num_parameters - embeddings) / shape.num_layers
+    return (shape.num_parameters / fsdp_shards + FSDP_GATHERED_LAYERS * layer) * per_param
+
+
+# Planned per GPU besides the weights and activations: CUDA context, LoRA weights, gradients, optimizer state.
+FIXED_GPU_BYTES = 2 * 2**30
 
 
 def max_micro_batch_that_fits(shape: ModelShape, seq_len: int, checkpointing: str, free_gib: float,
-                              quantization: str | None, backend: str = "unsloth") -> int:
-    budget = free_gib * 2**30 * MEMORY_HEADROOM - weight_bytes(shape, quantization) - 2 * 2**30  # CUDA context, LoRA, optimizer
+                              quantization: str | None, backend: str = "unsloth", fsdp_shards: int | None = None) -> int:
+    budget = free_gib * 2**30 * MEMORY_HEADROOM - weight_bytes(shape, quantization, fsdp_shards) - FIXED_GPU_BYTES
     per_sequence = activation_bytes_per_token(shape, checkpointing, backend) * seq_len
     return int(max(0, budget) // per_sequence)
 
 
 def choose_checkpointing_and_micro(config: LoraSFTConfig, hw: Hardware, shape: ModelShape | None, seq_len: int,
-                                   backend: str) -> tuple[str, int, list[str]]:
-    """Pick gradient checkpointing (unless given) and the largest micro batch that fits with it."""
+                                   backend: str, fsdp_shards: int | None = None) -> tuple[str, int, list[str]]:
+    """Pick gradient checkpointing (unless given) and the largest micro batch that fits with it (each GPU holding
+    its share of the weights under FSDP2, see `weight_bytes`)."""
     explicit = {True: "on", False: "off", "offload": "offload"}.get(config.gradient_checkpointing)
     if explicit == "offload" and backend != "unsloth":
         raise ConfigError(["gradient_checkpointing='offload' is Unsloth's offloaded checkpointing; "
@@ -198,7 +214,7 @@ def choose_checkpointing_and_micro(config: LoraSFTConfig, hw: Hardware, shape: M
     options = [explicit] if explicit else ["off", "on", "offload"] if backend == "unsloth" else ["off", "on"]
     wanted = config.micro_batch_size if isinstance(config.micro_batch_size, int) else 1
     for mode in options:
-        fits = max_micro_batch_that_fits(shape, seq_len, mode, hw.free_memory_gib, quant, backend)
+        fits = max_micro_batch_that_fits(shape, seq_len, mode, hw.free_memory_gib, quant, backend, fsdp_shards)
         if fits >= wanted or mode == options[-1]:
             why = f"estimated {fits} sequence(s) of {seq_len} tokens fit in {MEMORY_HEADROOM:.0%} of {hw.free_memory_gib:.0f} GiB free"
             notes = [] if explicit else [f"gradient checkpointing {mode} ({why})"]
@@ -206,12 +222,21 @@ def choose_checkpointing_and_micro(config: LoraSFTConfig, hw: Hardware, shape: M
     raise AssertionError("unreachable")
 
 
-def resolve_optimizer(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[str]]:
+def resolve_optimizer(config: LoraSFTConfig, hw: Hardware, sharded: bool = False) -> tuple[str, list[str]]:
+    """The optimizer (HF name). Under FSDP2 (`sharded`) the trainable parameters are DTensor shards, which
+    bitsandbytes' 8-bit and paged optimizers do not take; torch's AdamW does."""
     if config.optim is not None:
         if not hw.is_gpu and ("8bit" in config.optim or "paged" in config.optim):
             raise ConfigError([f"optim={config.optim!r}: 8-bit and paged optimizers need a GPU; on the CPU use "
                                "'adamw_torch_fused' (default) or 'adamw_torch'"])
+        if sharded and ("8bit" in config.optim or "paged" in config.optim):
+            raise ConfigError([f"optim={config.optim!r} with enable_model_splitting under a launch (FSDP2): "
+                               "bitsandbytes' 8-bit and paged optimizers do not take sharded (DTensor) parameters; "
+                               "use 'adamw_torch' (the default there) or leave optim unset"])
         return config.optim, []
+    if sharded:
+        return "adamw_torch", ["optimizer adamw_torch (FSDP2: the LoRA weights are DTensor shards, which "
+                               "bitsandbytes' 8-bit optimizer does not take; LoRA's optimizer state is small)"]
     if hw.is_gpu and hw.bitsandbytes_installed:
         return "adamw_8bit", ["optimizer adamw_8bit (GPU default; bitsandbytes installed)"]
     if hw.is_gpu:
@@ -229,13 +254,13 @@ PACKED_FLEX_ATTENTION = True
 LIGER_KERNELS = True
 
 
-def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str,
-                      packing: bool) -> tuple[str, list[str] | None, list[str]]:
+def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str, packing: bool,
+                      sharded: bool = False) -> tuple[str, list[str] | None, list[str]]:
     """(the model's `attn_implementation`, SDPA backends to train under or None for torch's own choice, notes).
 
     With Unsloth the kernel is Unsloth's choice: FlashAttention when installed, else xformers when it loads,
     else torch's SDPA. With plain transformers + PEFT, packed batches on a GPU run FlexAttention when torch
-    has it. The note names the one that will run.
+    has it, except under FSDP2 sharding (`sharded`), where it was not run. The note names the one that will run.
     """
     from .models.attention import FLEX_ATTENTION
 
@@ -253,6 +278,9 @@ def resolve_attention(config: LoraSFTConfig, hw: Hardware, backend: str,
         return "sdpa", PACKED_SDPA_BACKENDS, [
             f"attention: PyTorch SDPA through Unsloth ({reason}, no usable xformers), flash / memory-efficient "
             "kernels only: packed batches make one call per document length, which cuDNN would plan anew each time"]
+    if sharded and packing and hw.is_gpu:
+        return "sdpa", None, [f"attention: PyTorch SDPA ({reason}; the packed FlexAttention route has not been run under "
+                              "FSDP2 sharding)"]
     if hw.is_gpu and backend == "peft" and packing and PACKED_FLEX_ATTENTION and hw.flex_attention_usable:
         return FLEX_ATTENTION, None, [
             f"attention: FlexAttention ({reason}), one kernel per layer for each packed micro batch with a document "
@@ -313,8 +341,9 @@ def peak_tflops(hw: Hardware) -> float | None:
 
 
 def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelShape | None, world: int = 1,
-              data: DataSummary | None = None) -> RunPlan:
-    """All hardware-dependent decisions for one run, sized to the tokenized `data` when given.
+              data: DataSummary | None = None, launched: bool = False) -> RunPlan:
+    """All hardware-dependent decisions for one run, sized to the tokenized `data` when given; `launched`: the run's
+    processes were started by a launcher (torchrun, or lora_sft itself), even a single one.
 
     Sequences are `max_seq_len` long when packed (and on a GPU, where batches are sized for the worst case);
     unpacked CPU batches are padded to their longest row at most. Raises ConfigError for impossible combinations."""
@@ -327,13 +356,16 @@ def make_plan(config: LoraSFTConfig, hw: Hardware, backend: str, shape: ModelSha
     seq_len = config.max_seq_len if (packing or hw.is_gpu or data is None) else max(1, data.tokens_max)
     mean_row_tokens = data.tokens_total / max(1, data.rows_out) if data is not None else None
     dtype, notes = resolve_precision(config, hw)
-    checkpointing, max_micro, ckpt_notes = choose_checkpointing_and_micro(config, hw, shape, seq_len, backend)
+    quantization = "4bit" if config.load_in_4bit else "8bit" if config.load_in_8bit else None
+    splitting, split_notes = resolve_model_splitting(config.enable_model_splitting, hw, world, launched, quantization,
+                                                     config.bnb_4bit_compute_dtype or dtype)
+    checkpointing, max_micro, ckpt_notes = choose_checkpointing_and_micro(config, hw, shape, seq_len, backend,
+                                                                          world if splitting == "fsdp2" else None)
     micro, accumulation, effective, batch_notes = resolve_batch(
         config.effective_batch_size, config.micro_batch_size, config.gradient_accumulation_steps, world, max_micro)
-    optim, optim_notes = resolve_optimizer(config, hw)
-    attention, sdpa_backends, attn_notes = resolve_attention(config, hw, backend, packing)
+    optim, optim_notes = resolve_optimizer(config, hw, splitting == "fsdp2")
+    attention, sdpa_backends, attn_notes = resolve_attention(config, hw, backend, packing, splitting == "fsdp2")
     liger, liger_notes = resolve_liger(hw, backend)
-    splitting, split_notes = resolve_model_splitting(config.enable_model_splitting, hw, world)
     return RunPlan(
         backend=backend, device=hw.device, dtype=dtype, tf32=config.tf32, world_size=world,
         micro_batch_size=micro, gradient_accumulation_steps=accumulation, effective_batch_size=effective,

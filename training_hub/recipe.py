@@ -156,8 +156,9 @@ def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str, vision: b
     """Tokenize the training and evaluation data the same way, then make the plan for this data and hardware."""
     from transformers import AutoConfig
 
-    from . import checkpoints, hardware
+    from . import checkpoints, distributed, hardware
     from .data import DataSettings, load_tokenizer, tokenize_examples
+    from .data.cache import resolve_cache_dir
     from .data.vision import load_processor, tokenize_vision_examples
     from .models.vision import plan_config, vision_plan
     from .plan import ModelShape, make_plan
@@ -171,14 +172,17 @@ def plan_and_tokenize(config: LoraSFTConfig, data: Data, backend: str, vision: b
     else:
         processor, tokenizer = None, load_tokenizer(config.model_path, config.trust_remote_code)
         tokenize = functools.partial(tokenize_examples, tokenizer=tokenizer, **settings)
-    train = tokenize(data.train)
+    hw = hardware.detect()
+    cached = "cache_dir" in settings and resolve_cache_dir(settings["cache_dir"]) is not None
+    with distributed.node_main_first(os.environ, hw.is_gpu, cached):  # the others read what it cached
+        train = tokenize(data.train)
+        evaluation = tokenize(data.eval) if data.eval is not None else None
     logger.info(f"data summary:\n{train.summary}")
-    evaluation = tokenize(data.eval) if data.eval is not None else None
     if evaluation is not None:
         logger.info(f"eval data summary:\n{evaluation.summary}")
-    hw = hardware.detect()
     shape = ModelShape.from_config(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code))
-    plan = make_plan(config, hw, backend, shape, hardware.world_size(), train.summary)
+    plan = make_plan(config, hw, backend, shape, hardware.world_size(), train.summary,
+                     launched=distributed.under_launcher(os.environ))
     if vision:
         plan = vision_plan(plan)
     logger.info(f"plan on {hw.describe()}: backend {plan.backend}; " + "; ".join(plan.notes))
@@ -247,9 +251,12 @@ def vision_collator(config: LoraSFTConfig, prepared: Prepared):
 def save(config: LoraSFTConfig, prepared: Prepared, model, trained: Trained, out: Path) -> TrainingResult:
     """The final adapter and tokenizer, the merged model on request, and the manifest with the final metrics."""
     from . import card, checkpoints, console, manifest, outputs
+    from .training import gathered_adapter_state
 
+    # A sharded model's adapter is gathered by every rank together, then written by rank 0.
+    gathered = gathered_adapter_state(trained.trainer.model) if prepared.plan.model_splitting == "fsdp2" else None
     with checkpoints.disk_full_errors(out):
-        outputs.save_adapter(trained.trainer.model, model.tokenizer, out, trained.metrics.get("global_step"))
+        outputs.save_adapter(trained.trainer.model, model.tokenizer, out, trained.metrics.get("global_step"), gathered)
     outputs.discard_replaced_runs(out)
     if config.save_merged:
         outputs.save_merged(config.model_path, out, merged_dtype(prepared.plan), config.trust_remote_code)

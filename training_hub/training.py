@@ -13,11 +13,13 @@ from .plan import RunPlan
 
 
 def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, evaluate: bool = False,
-                     own_collator: bool = False):
+                     own_collator: bool = False, layer_classes: list[str] | None = None):
     """Every TrainingArguments field that matters is passed explicitly: Unsloth patches the defaults.
-    `own_collator`: the rows are the collator's input (vision: text and image sources), kept whole."""
+    `own_collator`: the rows are the collator's input (vision: text and image sources), kept whole.
+    `layer_classes`: the model's decoder layer classes, each its own FSDP2 unit (plan.model_splitting "fsdp2")."""
     from trl import SFTConfig
 
+    sharded = plan.model_splitting == "fsdp2"
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=config.num_epochs,
@@ -36,8 +38,9 @@ def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, eva
         fp16=plan.dtype == "float16",
         tf32=plan.tf32,
         use_cpu=plan.device == "cpu",
-        # Unsloth applies its own checkpointing in get_peft_model; TRL's would wrap it a second time.
-        gradient_checkpointing=plan.backend == "peft" and plan.gradient_checkpointing == "on",
+        # Unsloth applies its own checkpointing in get_peft_model; TRL's would wrap it a second time. Under FSDP2
+        # FSDP's own activation checkpointing replaces it (fsdp_settings).
+        gradient_checkpointing=plan.backend == "peft" and plan.gradient_checkpointing == "on" and not sharded,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=config.max_seq_len,
         packing=plan.sample_packing,
@@ -57,10 +60,41 @@ def build_sft_config(config: LoraSFTConfig, plan: RunPlan, output_dir: Path, eva
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=plan.device == "cuda",
         dataloader_num_workers=config.dataloader_num_workers,
-        ddp_find_unused_parameters=False if plan.world_size > 1 else None,
+        ddp_find_unused_parameters=False if plan.world_size > 1 and not sharded else None,
+        fsdp=sharded or None,
+        fsdp_config=fsdp_settings(layer_classes or [], plan.gradient_checkpointing == "on") if sharded else None,
         remove_unused_columns=not own_collator,
         dataset_kwargs={"skip_prepare_dataset": True} if own_collator else None,
     )
+
+
+def fsdp_settings(layer_classes: list[str], activation_checkpointing: bool) -> dict[str, Any]:
+    """TrainingArguments' `fsdp_config` for sharding the model over the processes with FSDP2 (accelerate's
+    fully_shard): each decoder layer its own unit, then the embeddings, the head and the rest. FULL_STATE_DICT: a
+    checkpoint's adapter is gathered on rank 0 as a normal PEFT adapter (the trainable weights only, see
+    `trainer_class`), and accelerate's resume state holds the LoRA weights and their optimizer state."""
+    if not layer_classes:
+        raise ValueError("enable_model_splitting under a launch shards each decoder layer, but this model names no "
+                         "decoder layer class (its _no_split_modules is empty)")
+    return {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": layer_classes,
+            "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": activation_checkpointing, "cpu_ram_efficient_loading": False}
+
+
+def decoder_layer_classes(model) -> list[str]:
+    """The model's decoder layer class names (transformers' `_no_split_modules`) that occur in it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    present = {type(module).__name__ for module in base.modules()}
+    return [name for name in (getattr(base, "_no_split_modules", None) or []) if name in present]
+
+
+def gathered_adapter_state(model) -> dict[str, Any]:
+    """The trainable (LoRA) weights of an FSDP2-sharded model as full tensors on rank 0's CPU (empty on the other
+    ranks). Every rank must call it: the shards are gathered collectively. The frozen base is not gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
 
 
 def trainer_class(plan: RunPlan):
@@ -83,6 +117,19 @@ def trainer_class(plan: RunPlan):
         def create_model_card(self, *args, **kwargs) -> None:
             """Not written: training_hub describes the output folder itself."""
 
+    class ShardedSFTTrainer(NoModelCardSFTTrainer):
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            """A checkpoint's adapter under FSDP2: only the trainable weights are gathered (Trainer's own save
+            gathers the whole model, frozen base included, on rank 0's CPU at every checkpoint)."""
+            folder = output_dir or self.args.output_dir
+            state_dict = gathered_adapter_state(self.model)
+            if self.args.should_save:
+                self.model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(folder)
+
+    if plan.model_splitting == "fsdp2":
+        return ShardedSFTTrainer
     if not (plan.device == "cpu" and plan.backend == "peft"):
         return NoModelCardSFTTrainer
 
@@ -99,10 +146,11 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, config: LoraSFT
                   output_dir: Path, callbacks: list[Any], data_collator=None):
     """The trainer; `data_collator` (vision runs) replaces TRL's, and `tokenizer` is then the processor."""
     cls = trainer_class(plan)
+    layers = decoder_layer_classes(model) if plan.model_splitting == "fsdp2" else None
     return cls(
         model=model,
         args=build_sft_config(config, plan, output_dir, evaluate=eval_dataset is not None,
-                              own_collator=data_collator is not None),
+                              own_collator=data_collator is not None, layer_classes=layers),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

@@ -47,28 +47,33 @@ def lora_kwargs(config: LoraSFTConfig) -> dict[str, Any]:
     return kwargs
 
 
-def quantization_config(config: LoraSFTConfig, compute_dtype: str):
-    """A BitsAndBytesConfig for QLoRA / 8-bit, or None for 16-bit LoRA."""
+def quantization_config(config: LoraSFTConfig, compute_dtype: str, sharded: bool = False):
+    """A BitsAndBytesConfig for QLoRA / 8-bit, or None for 16-bit LoRA. `sharded` (FSDP2): the packed 4-bit
+    weights are stored in the compute dtype instead of uint8, since FSDP2 shards floating-point tensors only."""
     if not (config.load_in_4bit or config.load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
 
     if config.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = torch_dtype(config.bnb_4bit_compute_dtype or compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=config.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype=torch_dtype(config.bnb_4bit_compute_dtype or compute_dtype),
+        bnb_4bit_compute_dtype=dtype,
         bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+        **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
     )
 
 
-def device_map(plan: RunPlan):
+def device_map(plan: RunPlan, quantized: bool = False):
     """Each process trains a whole copy on its own device (DDP under torchrun), or one process spreads the layers
-    over the visible GPUs (enable_model_splitting)."""
+    over the visible GPUs (enable_model_splitting), or each process loads the base where FSDP2 shards it from:
+    16-bit weights into CPU RAM (a GPU keeps only its shard), 4-bit weights onto its own GPU (bitsandbytes
+    quantizes there)."""
     if plan.model_splitting == "balanced":
         return "balanced"
-    if plan.device == "cpu":
+    if plan.device == "cpu" or (plan.model_splitting == "fsdp2" and not quantized):
         return {"": "cpu"}
     from ..hardware import local_rank
 

@@ -16,17 +16,26 @@ def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer, vision: boo
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+<<<<<<< HEAD
     quant = quantization_config(config, plan.dtype)
+=======
+    sharded = plan.model_splitting == "fsdp2"
+    quant = quantization_config(config, plan.dtype, sharded)
+    if plan.attn_implementation == FLEX_ATTENTION:
+        register_flex_attention()  # before loading: transformers checks the name against its registry
+>>>>>>> fsdp
     model = auto_model_class(vision).from_pretrained(
         config.model_path,
         dtype=torch_dtype(plan.dtype),
         attn_implementation=loadable_attention(plan.attn_implementation),
         quantization_config=quant,
-        device_map=device_map(plan),
+        device_map=device_map(plan, quantized=quant is not None),
         trust_remote_code=config.trust_remote_code,
     )
     check_quantized(model, config)
-    if quant is not None:
+    # Not under FSDP2: it casts every 16-bit weight but the 4-bit ones to float32 (embeddings and norms at twice
+    # the memory, layers of mixed dtypes to shard), and the sharded route checkpoints activations with FSDP's wrapper.
+    if quant is not None and not sharded:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=plan.gradient_checkpointing != "off",
             gradient_checkpointing_kwargs={"use_reentrant": False})
