@@ -16,14 +16,8 @@ def load_peft_model(config: LoraSFTConfig, plan: RunPlan, tokenizer, vision: boo
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-<<<<<<< HEAD
-    quant = quantization_config(config, plan.dtype)
-=======
     sharded = plan.model_splitting == "fsdp2"
     quant = quantization_config(config, plan.dtype, sharded)
-    if plan.attn_implementation == FLEX_ATTENTION:
-        register_flex_attention()  # before loading: transformers checks the name against its registry
->>>>>>> fsdp
     model = auto_model_class(vision).from_pretrained(
         config.model_path,
         dtype=torch_dtype(plan.dtype),
