@@ -96,6 +96,15 @@ def test_gpu_defaults_8b():
 
 def test_gpu_without_bf16_uses_fp16_and_refuses_bf16():
     assert plan(T4, shape=LLAMA_8B, load_in_4bit=False).dtype == "float16"
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    (dict(), "bfloat16"), (dict(bf16=False), "float32"), (dict(bf16=False, fp16=False), "float32"),
+    (dict(bf16=False, fp16=True), "float16"), (dict(fp16=True), "float16"),
+])
+def test_precision_flags_mean_what_they_mean_in_training_arguments(flags, dtype):
+    """bf16=False alone turns bf16 off (fp32, as TrainingArguments does), it does not switch to fp16."""
+    assert plan(H100, shape=LLAMA_8B, **flags).dtype == dtype
     with pytest.raises(ConfigError, match="does not support bfloat16"):
         plan(T4, shape=LLAMA_8B, bf16=True)
 

@@ -198,7 +198,8 @@ def lora_sft(
         gradient_checkpointing (bool | 'auto' | 'offload', 'auto'): 'auto': the cheapest of off / on / offload that
             fits in GPU memory (off on the CPU); 'offload' is Unsloth's offloaded checkpointing.
         seed (int, 42): seeds data order, dropout and the LoRA initialisation.
-        bf16 (bool | None, None): bfloat16 training; None: bf16 on GPUs that have it, float32 on the CPU.
+        bf16 (bool | None, None): bfloat16 training; None: bf16 on GPUs that have it, float32 on the CPU; False:
+            float32 unless fp16=True.
         fp16 (bool | None, None): float16 training (GPU only); None: only on GPUs without bf16.
         tf32 (bool | None, None): TF32 matmuls on NVIDIA GPUs.
         flash_attention (bool | None, None): None: FlashAttention 2 when flash_attn is installed, else SDPA (on the

@@ -151,7 +151,8 @@ class LoraSFTConfig:
     seed: int = param(42, "seeds data order, dropout and the LoRA initialisation")
 
     # Precision, kernels, quantization.
-    bf16: bool | None = param(None, "bfloat16 training; None: bf16 on GPUs that have it, float32 on the CPU")
+    bf16: bool | None = param(None, "bfloat16 training; None: bf16 on GPUs that have it, float32 on the CPU; "
+                                    "False: float32 unless fp16=True")
     fp16: bool | None = param(None, "float16 training (GPU only); None: only on GPUs without bf16")
     tf32: bool | None = param(None, "TF32 matmuls on NVIDIA GPUs")
     flash_attention: bool | None = param(None, "None: FlashAttention 2 when flash_attn is installed, else SDPA (on "

@@ -100,8 +100,8 @@ def resolve_precision(config: LoraSFTConfig, hw: Hardware) -> tuple[str, list[st
         return "float16", ["dtype float16 (fp16=True)"]
     if config.bf16 or (config.bf16 is None and hw.bf16_supported):
         return "bfloat16", ["dtype bfloat16" + (" (bf16=True)" if config.bf16 else " (GPU supports it)")]
-    if config.bf16 is False and config.fp16 is False:
-        return "float32", ["dtype float32 (bf16=False, fp16=False)"]
+    if config.bf16 is False and not config.fp16:  # as in TrainingArguments: bf16=False alone means fp32
+        return "float32", ["dtype float32 (bf16=False" + (", fp16=False)" if config.fp16 is False else ")")]
     return "float16", ["dtype float16 (GPU has no bfloat16)"]
 
 

@@ -225,6 +225,16 @@ def load_dtype(plan_dtype: str) -> str:
     return "bfloat16" if plan_dtype == "bfloat16" else "float32"
 
 
+def bf16_weights_warning(plan_dtype: str, learning_rate: float) -> str | None:
+    """What training bf16 weights in place costs phase 1 (None when its weights are fp32)."""
+    if load_dtype(plan_dtype) != "bfloat16":
+        return None
+    return (f"phase 1 updates its bf16 weights in place (no fp32 master copy): an update smaller than half a bf16 "
+            f"step is rounded away, so at pre_lora_learning_rate={learning_rate:g} weights larger than about "
+            f"{learning_rate * 512:.2g} barely move and norm weights near 1.0 not at all (docs/two_phase.md); "
+            "bf16=False trains in float32 instead")
+
+
 def saved_dtype(plan_dtype: str) -> str:
     """The phase-1 model is saved in 16 bit: float16 for fp16 runs, else bfloat16 (as a merged model is)."""
     return "float16" if plan_dtype == "float16" else "bfloat16"
@@ -251,6 +261,9 @@ def train_phase_one(phase_one, out: Path) -> None:
                                                               trust_remote_code=phase_one.trust_remote_code))
     estimate = memory_estimate_bytes(shape, prepared.plan, phase_one.max_seq_len)
     recipe.raise_problems(memory_problems(estimate, hardware.detect()))
+    warning = bf16_weights_warning(prepared.plan.dtype, phase_one.learning_rate)
+    if warning is not None:
+        logger.warning(warning)
     logger.info(f"phase 1: full fine-tune of {phase_one.model_path} on {data.train.source}; estimated memory "
                 f"{estimate / 2**30:.2f} GiB (weights, gradients, {prepared.plan.optim} states, one micro batch)")
     done = resume.reached(phase_one.max_steps)  # killed after its last checkpoint, before the model was saved
