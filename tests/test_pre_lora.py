@@ -196,6 +196,9 @@ def test_phase_one_trains_every_base_weight_and_phase_two_only_the_adapter_on_it
     assert record["last_loss"] == losses[-1] and record["data_rows_fingerprint"] and record["data_fingerprint"]
     assert record["settings"]["learning_rate"] == 2e-3 and record["memory_estimate_gib"] > 0
     assert (whole / "loss.png").is_file()
+    card = (whole / "README.md").read_text()  # the model card names phase 1 and its result as the base
+    assert f"every parameter of `{base}` trained on" in card and "6 steps at learning rate 0.002" in card
+    assert f"-> {losses[-1]:.4f}" in card and "saved as a bfloat16 model in `pre_lora/model`" in card
 
 
 @pytest.mark.slow

@@ -53,6 +53,20 @@ def _what(config: dict[str, Any], data: dict[str, Any], model: dict[str, Any]) -
     return rows
 
 
+def _phase_one(record: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """A two-phase run's first phase: the full fine-tune whose result is this adapter's base."""
+    if not record:
+        return []
+    settings, data = record["settings"], record.get("data") or {}
+    losses = (f"; loss {record['first_loss']:.4f} -> {record['last_loss']:.4f}"
+              if isinstance(record.get("first_loss"), (int, float)) and isinstance(record.get("last_loss"), (int, float))
+              else "")
+    return [("phase 1 (before the LoRA)", f"every parameter of `{record['base_model_path']}` trained on "
+             f"`{settings.get('data_path')}` ({data.get('tokens_total', 0):,} tokens), {record['steps']} steps at "
+             f"learning rate {settings.get('learning_rate'):g}{losses}; saved as a {record['dtype']} model in "
+             "`pre_lora/model`, the base model above")]
+
+
 def _how(config: dict[str, Any], plan: dict[str, Any]) -> list[tuple[str, str]]:
     length = f"{config['max_steps']} steps" if config.get("max_steps") else f"{config['num_epochs']} epochs"
     return [
@@ -101,7 +115,7 @@ in `training_metrics.jsonl`.
 
 ## What was trained
 
-{_table(_what(config, data, model))}
+{_table(_what(config, data, model) + _phase_one(manifest.get('pre_lora')))}
 
 ## How
 
