@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from jobs import metric_rows
-from sample_data import COLORS, NAMES, greeting_conversations, write_color_images, write_jsonl
-from training_hub.tiny import build_tokenizer, save_tiny_model, save_tiny_vision_model
+# The test machines have no model hub: a model name that is not a folder would otherwise wait for the network's
+# retries (about 23 s a lookup) before failing. Set before huggingface_hub is imported; subprocesses inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from jobs import metric_rows  # noqa: E402
+from sample_data import COLORS, NAMES, greeting_conversations, write_color_images, write_jsonl  # noqa: E402
+from training_hub.tiny import build_tokenizer, save_tiny_model, save_tiny_vision_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
