@@ -303,16 +303,7 @@ def fit(phase_one, prepared, model, resume, folder: Path) -> dict[str, Any]:
     trainer = training.build_trainer(model, prepared.tokenizer, prepared.train.dataset, None, phase_one, prepared.plan,
                                      folder, callbacks)
     console.replace_progress_callbacks(trainer, console.console_callback())  # step lines, no start summary
-    tokens_before = resume.tokens_seen()
-    with (checkpoints.stop_on_signals(stop), training.sdpa_backends(prepared.plan.sdpa_backends),
-          checkpoints.disk_full_errors(folder)):
-        output = trainer.train(resume_from_checkpoint=resume.trainer_argument)
-    message = checkpoints.stopped_message(stop, folder, phase_one.learning_rate, prepared.plan.dtype)
-    if message is not None:
-        logger.error(message)
-        raise checkpoints.TrainingStopped(message)
-    resumed = folder / METRICS_FILE if resume.checkpoint is not None else None
-    return training.final_metrics(output.metrics, trainer.state, prepared.plan, resumed, tokens_before)
+    return training.train_to_the_end(trainer, stop, folder, resume, prepared.plan, phase_one.learning_rate)
 
 
 def finish(out: Path, phase_one, prepared, model, rows_fingerprint: str, metrics: dict[str, Any],

@@ -226,18 +226,10 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
                                      prepared.plan, out, callbacks, vision_collator(config, prepared))
     console.replace_progress_callbacks(trainer, console.console_callback(
         console.run_facts(config, prepared.plan, model, prepared.train.summary, out)))
-    tokens_before = resume.tokens_seen()
     if resume.checkpoint is not None and prepared.plan.world_size > 1 and prepared.plan.device == "cpu":
         distributed.allow_indexed_cpu_map_location()  # transformers loads the optimizer with map_location="cpu:0"
-    with (tracking.tracker_runs(config), checkpoints.stop_on_signals(stop),
-          training.sdpa_backends(prepared.plan.sdpa_backends), checkpoints.disk_full_errors(out)):
-        output = trainer.train(resume_from_checkpoint=resume.trainer_argument)
-    message = checkpoints.stopped_message(stop, out, config.learning_rate, prepared.plan.dtype)
-    if message is not None:
-        logger.error(message)
-        raise checkpoints.TrainingStopped(message)
-    resumed_metrics = out / outputs.METRICS_FILE if resume.checkpoint is not None else None
-    metrics = training.final_metrics(output.metrics, trainer.state, prepared.plan, resumed_metrics, tokens_before)
+    metrics = training.train_to_the_end(trainer, stop, out, resume, prepared.plan, config.learning_rate,
+                                        contexts=[tracking.tracker_runs(config)])
     return Trained(trainer, metrics)
 
 

@@ -228,6 +228,30 @@ def final_metrics(train_metrics: dict[str, Any], state, plan: RunPlan, resumed_m
     return metrics
 
 
+def train_to_the_end(trainer, stop, folder: Path, resume, plan: RunPlan, learning_rate: float,
+                     contexts=()) -> dict[str, Any]:
+    """`trainer.train()` from `resume`'s checkpoint under the stop guard: SIGTERM / Ctrl-C save and stop, a full disk
+    is named, `plan`'s SDPA backends apply, plus `contexts` (e.g. tracker runs). Raises TrainingStopped when the
+    guard or a signal stopped the run; returns the final metrics (`final_metrics`) otherwise."""
+    import contextlib
+    import logging
+
+    from . import checkpoints, outputs
+
+    tokens_before = resume.tokens_seen()
+    with contextlib.ExitStack() as stack:
+        for context in (*contexts, checkpoints.stop_on_signals(stop), sdpa_backends(plan.sdpa_backends),
+                        checkpoints.disk_full_errors(folder)):
+            stack.enter_context(context)
+        output = trainer.train(resume_from_checkpoint=resume.trainer_argument)
+    message = checkpoints.stopped_message(stop, folder, learning_rate, plan.dtype)
+    if message is not None:
+        logging.getLogger("training_hub").error(message)
+        raise checkpoints.TrainingStopped(message)
+    resumed_metrics = folder / outputs.METRICS_FILE if resume.checkpoint is not None else None
+    return final_metrics(output.metrics, trainer.state, plan, resumed_metrics, tokens_before)
+
+
 def save_schedule_callback(save_samples: int | None, effective_batch_size: int, at_epoch_end: bool):
     """A TrainerCallback asking for extra checkpoints (the public training-hub's settings), or None when none are
     asked for: one each time another `save_samples` training sequences have been seen (step x effective batch),
