@@ -218,3 +218,12 @@ def test_lora_sft_from_yaml_under_torchrun(tiny_model_factory, greeting_jsonl, t
     assert manifest["plan"]["world_size"] == 2
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (16, 8, 0.0)
+
+
+def test_quickstart_refuses_zero_steps_before_writing_its_model(tmp_path):
+    from training_hub.config import ConfigError
+    from training_hub.quickstart import run_quickstart
+
+    with pytest.raises(ConfigError, match="max_steps=0: the quickstart trains at least one step"):
+        run_quickstart(output_dir=str(tmp_path / "qs"), max_steps=0, backend="peft")
+    assert not (tmp_path / "qs").exists()

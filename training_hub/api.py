@@ -317,8 +317,9 @@ def prepare_dataset(
                                  train_on_reasoning=train_on_reasoning, truncation=truncation,
                                  data_output_dir=data_output_dir)
     vision = detect(model_path, trust_remote_code) if tokenizer is None else hasattr(tokenizer, "image_processor")
-    if vision and cache_problem(data_output_dir):
-        raise cfg.ConfigError([cache_problem(data_output_dir)])
+    cache = cache_problem(data_output_dir) if vision else None
+    if cache:
+        raise cfg.ConfigError([cache])
     loaded = data.load_examples(data_path, **settings.loading(), images=vision)
     if vision:
         from .data.vision import load_processor, tokenize_vision_examples

@@ -97,11 +97,11 @@ def launch_problems(config, environ: Mapping[str, str]) -> list[str]:
     if c.rdzv_id is not None and not str(c.rdzv_id).strip():
         p.append("rdzv_id='': give the job's id (the same on every node) or leave it unset")
     if under_launcher(environ):
-        p += _running_launch_problems(c, environ)
+        p += running_launch_problems(c, environ)
     return p + model_splitting_problems(c)
 
 
-def _running_launch_problems(c, environ: Mapping[str, str]) -> list[str]:
+def running_launch_problems(c, environ: Mapping[str, str]) -> list[str]:
     """The settings against the launch this process runs in (rendezvous addresses are not recorded there)."""
     p = []
     local = int(environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from .config import LoraSFTConfig
-from .distributed import launch_problems
+from .distributed import running_launch_problems, under_launcher
 
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 
@@ -21,4 +21,5 @@ def environment_problems(config: LoraSFTConfig) -> list[str]:
     if model.startswith(LOCAL_PATH_PREFIXES) and not Path(model).expanduser().exists():
         problems.append(f"model_path={model!r}: no such folder (give a local model folder, or a hub id like "
                         "'Qwen/Qwen2.5-1.5B')")
-    return problems + launch_problems(config, os.environ)
+    # The launch settings' own values were checked with the config; here, against the launch this process runs in.
+    return problems + (running_launch_problems(config, os.environ) if under_launcher(os.environ) else [])

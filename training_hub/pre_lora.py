@@ -14,6 +14,7 @@ is refused; a run that no longer passes `pre_lora_data_path` continues on the sa
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -235,11 +236,6 @@ def bf16_weights_warning(plan_dtype: str, learning_rate: float) -> str | None:
             "bf16=False trains in float32 instead")
 
 
-def saved_dtype(plan_dtype: str) -> str:
-    """The phase-1 model is saved in 16 bit: float16 for fp16 runs, else bfloat16 (as a merged model is)."""
-    return "float16" if plan_dtype == "float16" else "bfloat16"
-
-
 # ---- training ----------------------------------------------------------------------------------------------
 
 def train_phase_one(phase_one, out: Path) -> None:
@@ -277,6 +273,14 @@ def train_phase_one(phase_one, out: Path) -> None:
         metrics = {} if done else fit(phase_one, prepared, model, resume, folder)
         if hardware.is_main_process():
             finish(out, phase_one, prepared, model, data.train.fingerprint, metrics, estimate)
+    # Phase 2 plans its micro batch from the GPU's free memory: give back what phase 1's model, trainer and
+    # optimizer held (reference cycles included) and the allocator's cached blocks.
+    del model
+    gc.collect()
+    if prepared.plan.device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def load_full_model(path: str, plan, trust_remote_code: bool):
@@ -310,6 +314,7 @@ def finish(out: Path, phase_one, prepared, model, rows_fingerprint: str, metrics
            estimate: float) -> None:
     """Phase 1's rows into the run's metrics file, the 16-bit model into pre_lora/model (a temporary folder renamed,
     the marker last), then its checkpoints removed (the model replaces them for every later resume)."""
+    from . import recipe
     from .checkpoints import list_checkpoints, read_metric_rows, resumed_train_loss
     from .files import write_atomic
     from .models.common import torch_dtype
@@ -319,7 +324,7 @@ def finish(out: Path, phase_one, prepared, model, rows_fingerprint: str, metrics
     write_atomic(out / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
     target, tmp = model_folder(out), folder / f".{PHASE_ONE_MODEL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    dtype = saved_dtype(prepared.plan.dtype)
+    dtype = recipe.merged_dtype(prepared.plan)  # 16-bit, as a merged model
     model.to(torch_dtype(dtype)).save_pretrained(tmp, safe_serialization=True)
     prepared.tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)

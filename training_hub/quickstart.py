@@ -44,9 +44,12 @@ def run_quickstart(model: str | None = None, output_dir: str = "quickstart-outpu
                    backend: str = "auto") -> int:
     """Train on the bundled data (the run logs its progress and summaries) and print a generation. Returns an exit code."""
     from .api import lora_sft
+    from .config import ConfigError
     from .console import quiet_third_party
     from .logs import enable_default_output
 
+    if max_steps < 1:  # before the tiny model is written
+        raise ConfigError([f"max_steps={max_steps}: the quickstart trains at least one step (default 600)"])
     enable_default_output()  # before Unsloth's import configures the root logger (logging.basicConfig at WARNING)
     out = Path(output_dir)
     if backend != "peft":

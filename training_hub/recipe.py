@@ -207,7 +207,7 @@ def load_model(config: LoraSFTConfig, prepared: Prepared):
 
 def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -> Trained:
     """Train to the end (or raise TrainingStopped), writing checkpoints, metrics and the manifest into `out`."""
-    from . import checkpoints, console, distributed, manifest, outputs, tracking, training
+    from . import checkpoints, console, manifest, outputs, tracking, training
     from .pre_lora import metrics_phase
 
     resume.prepare_output(out)
@@ -226,8 +226,6 @@ def train(config: LoraSFTConfig, prepared: Prepared, model, resume, out: Path) -
                                      prepared.plan, out, callbacks, vision_collator(config, prepared))
     console.replace_progress_callbacks(trainer, console.console_callback(
         console.run_facts(config, prepared.plan, model, prepared.train.summary, out)))
-    if resume.checkpoint is not None and prepared.plan.world_size > 1 and prepared.plan.device == "cpu":
-        distributed.allow_indexed_cpu_map_location()  # transformers loads the optimizer with map_location="cpu:0"
     metrics = training.train_to_the_end(trainer, stop, out, resume, prepared.plan, config.learning_rate,
                                         contexts=[tracking.tracker_runs(config)])
     return Trained(trainer, metrics)

@@ -236,8 +236,10 @@ def train_to_the_end(trainer, stop, folder: Path, resume, plan: RunPlan, learnin
     import contextlib
     import logging
 
-    from . import checkpoints, outputs
+    from . import checkpoints, distributed, outputs
 
+    if resume.checkpoint is not None and plan.world_size > 1 and plan.device == "cpu":
+        distributed.allow_indexed_cpu_map_location()  # transformers loads the optimizer with map_location="cpu:0"
     tokens_before = resume.tokens_seen()
     with contextlib.ExitStack() as stack:
         for context in (*contexts, checkpoints.stop_on_signals(stop), sdpa_backends(plan.sdpa_backends),

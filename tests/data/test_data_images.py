@@ -132,6 +132,8 @@ def test_rows_too_long_follow_truncation_but_are_never_cut_through_an_image(proc
         tokenize_vision_examples(loaded, processor, max_seq_len=4)
     with pytest.raises(DataError, match="truncation='error'"):
         tokenize_vision_examples(loaded, processor, max_seq_len=full - 2, truncation="error")
+    with pytest.raises(DataError, match="1 of 1 rows would be dropped .1 longer than max_seq_len"):
+        tokenize_vision_examples(loaded, processor, max_seq_len=full - 2, truncation="drop")  # as for text
 
 
 def test_expand_labels_carries_labels_over_and_refuses_other_changes():

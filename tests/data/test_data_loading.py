@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -228,3 +229,23 @@ def test_a_row_level_weight_is_refused_not_ignored():
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "weight": 0}
     with pytest.raises(DataError, match=r"row 0: a row-level 'weight' is not read: put 'weight' \(0 or 1\) on assistant"):
         load_examples([row])
+
+
+@pytest.mark.parametrize("column, value, says", [
+    ("images", ["cat.png"], "put each image in its message as a part"),
+    ("system", "Be brief.", "put the system prompt in the conversation"),
+    ("tool", [], "the messages format reads 'tools' (misspelled?)"),
+])
+def test_columns_that_would_be_ignored_are_refused_and_metadata_passes(column, value, says):
+    """A row-level column the format does not read is refused when it means something (a misplaced or misspelled
+    one); metadata columns such as an id pass."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(DataError, match=re.escape(f"row 0: a row-level '{column}' is not read: {says}")):
+        load_examples([{"messages": chat, column: value}])
+    loaded = load_examples([{"messages": chat, "id": 7, "prompt_id": "a1", "source": "web"}])
+    assert loaded.format == "messages" and len(loaded.examples) == 1
+    alpaca = load_examples([{"instruction": "Say hi", "output": "hi", "system": "Be brief."}])
+    assert alpaca.examples[0].messages[0] == {"role": "system", "content": "Be brief."}  # alpaca reads 'system'
+    assert len(load_examples([{"messages": chat, column: None}]).examples) == 1  # None: absent (parquet rows)
+    with pytest.raises(DataError, match="a row-level 'tools' is not read: function schemas are read with chat rows"):
+        load_examples([{"instruction": "Say hi", "output": "hi", "tools": []}])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .schema import Message
-from .turns import RowProblem, check_conversation, missing_field, parse_tools, parse_turns, require_text
+from .turns import RowProblem, check_conversation, closest, missing_field, parse_tools, parse_turns, require_text
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,46 @@ CONVERTERS: dict[str, Callable[[dict, Fields], dict]] = {
 }
 
 
+# The columns each converter reads besides those that identify its format (`format_signatures`).
+def optional_columns(fields: Fields) -> dict[str, tuple[str, ...]]:
+    return {"messages": ("tools",), "sharegpt": ("tools",), "alpaca": (fields.input, "system"),
+            "prompt_completion": ("tools",), "text": (), "passthrough": ("labels",)}
+
+
+# Row-level columns that carry training meaning where some format or OpenAI's puts them; in a row whose format
+# does not read them they would be ignored silently, so they are refused with where they belong. Other columns
+# (an id, a source, a prompt_id) are metadata and pass.
+MISPLACED_COLUMNS = {
+    "weight": "put 'weight' (0 or 1) on assistant messages, where OpenAI's format has it, or leave out the rows that "
+              "should not be trained on",
+    "images": "put each image in its message as a part {'type': 'image', 'image': PATH}",
+    "system": "put the system prompt in the conversation, as its first message",
+    "system_prompt": "put the system prompt in the conversation, as its first message",
+    "tools": "function schemas are read with chat rows (messages, conversations, prompt/completion)",
+}
+
+
+def unread_column_problem(row: dict, fmt: str, fields: Fields) -> str | None:
+    """A column the format would ignore although it means something: a misplaced one (`MISPLACED_COLUMNS`) or a
+    misspelling of an optional column the format reads ("tool" for "tools"; a misspelled required column is
+    reported as missing instead). A column whose value is None counts as absent (parquet rows hold every column)."""
+    optional = optional_columns(fields)[fmt]
+    read = format_signatures(fields)[fmt] + optional
+    for key, value in row.items():
+        if key in read or value is None:
+            continue
+        hint = MISPLACED_COLUMNS.get(key)
+        misspelled = closest(key, optional, cutoff=0.85)
+        if hint or misspelled:
+            return f"a row-level '{key}' is not read: " + (hint or f"the {fmt} format reads '{misspelled}' (misspelled?)")
+    return None
+
+
 def convert_row(row: dict, fmt: str, fields: Fields) -> dict:
     """Validate one row of format ``fmt`` and return the Example fields; RowProblem if it is invalid."""
-    if "weight" in row:  # OpenAI's weight belongs to assistant messages; a row-level one would be ignored
-        raise RowProblem("a row-level 'weight' is not read: put 'weight' (0 or 1) on assistant messages, or leave "
-                         "out the rows that should not be trained on")
+    problem = unread_column_problem(row, fmt, fields)
+    if problem is not None:
+        raise RowProblem(problem)
     try:
         return CONVERTERS[fmt](row, fields)
     except RowProblem as problem:

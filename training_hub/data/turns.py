@@ -30,9 +30,9 @@ class RowProblem(Exception):
     """A problem in one row; the message names the field and what is valid, not the row itself."""
 
 
-def closest(name: str, candidates) -> str | None:
+def closest(name: str, candidates, cutoff: float = 0.6) -> str | None:
     """The candidate closest to ``name`` (difflib), for "did you mean" hints."""
-    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
+    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=cutoff)
     return matches[0] if matches else None
 
 

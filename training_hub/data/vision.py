@@ -10,13 +10,12 @@ image sizes or grids), checks that it gives the same ids, and pads the labels wi
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 from .images import message_images, open_image
 from .masking import IGNORE_INDEX, make_labels, make_renderer, render_for_loss
-from .pipeline import naming_the_row
-from .schema import DataError, DataSummary, Example, LoadedData, TokenizedData
+from .pipeline import Tally, check_tally, naming_the_row, summarize
+from .schema import DataError, Example, LoadedData, TokenizedData
 
 
 def load_processor(model_path: str, trust_remote_code: bool = False):
@@ -84,13 +83,13 @@ def tokenize_vision_examples(loaded: LoadedData, processor, *, max_seq_len: int,
 
     from .encoding import Encoder
 
-    if loaded.format not in ("messages", "chat_template", "sharegpt"):
+    if loaded.format not in ("messages", "sharegpt"):
         raise DataError(f"a vision-language model trains on chats (messages with image parts); this data's format "
                         f"is {loaded.format}: convert it to messages (docs/data.md)")
     tokenizer = processor.tokenizer
     renderer, encoder, image_id = make_renderer(tokenizer), Encoder(tokenizer), image_token_id(processor)
     rows: dict[str, list] = {"input_ids": [], "labels": [], "text": [], "images": []}
-    counts = {"truncated": 0, "dropped_too_long": 0, "dropped_no_supervised": 0}
+    tally = Tally(rows_in=len(loaded.examples))
     for example in loaded.examples:
         rendered = naming_the_row(example, render_for_loss, renderer, example.messages, example.tools,
                                   train_on_inputs, train_on_reasoning)
@@ -104,28 +103,33 @@ def tokenize_vision_examples(loaded: LoadedData, processor, *, max_seq_len: int,
             labels = expand_labels(tokens.ids, make_labels(tokens, rendered, train_on_inputs), expanded, image_id)
         except ValueError as error:
             raise DataError(f"{example.origin}: {error}; the loss mask cannot be carried over") from None
-        row = limit_length(example, expanded, labels, image_id, max_seq_len, truncation, counts)
+        row = limit_length(example, expanded, labels, image_id, max_seq_len, truncation, tally)
         if row is None:
             continue
-        if not (row[1] != IGNORE_INDEX).any():
-            counts["dropped_no_supervised"] += 1
+        supervised = int((row[1] != IGNORE_INDEX).sum())
+        if not supervised:
+            tally.dropped_no_supervised += 1
+            tally.empty.append(example.origin)
             continue
+        tally.lengths.append(len(row[0]))
+        tally.supervised += supervised
         for name, value in zip(rows, (row[0].tolist(), row[1].tolist(), text, images)):
             rows[name].append(value)
-    summary = vision_summary(loaded, rows, counts, renderer.note, max_seq_len, truncation)
-    if not rows["input_ids"]:
-        raise DataError(f"no row of {loaded.source} is left to train on:\n{summary}")
+    check_tally(tally, max_seq_len)  # as for text: no row left, or more than half dropped, is refused
+    images = sum(len(sources) for sources in rows["images"])
+    summary = summarize(loaded.format, tally, f"{renderer.note}; {images} images, expanded by the processor and never "
+                        "trained on", max_seq_len, truncation)
     return TokenizedData(datasets.Dataset.from_dict(rows), summary)
 
 
 def limit_length(example: Example, ids: Any, labels: Any, image_id: int, max_seq_len: int, truncation: str,
-                 counts: dict[str, int]) -> tuple[Any, Any] | None:
+                 tally: Tally) -> tuple[Any, Any] | None:
     """The row within ``max_seq_len`` (truncated after its last image token), or None when dropped."""
     if len(ids) <= max_seq_len:
         return ids, labels
     where = f"{example.origin}: {len(ids)} tokens with its images expanded > max_seq_len={max_seq_len}"
     if truncation == "drop":
-        counts["dropped_too_long"] += 1
+        tally.dropped_too_long += 1
         return None
     if truncation == "error":
         raise DataError(f"{where} (truncation='error'); raise max_seq_len, or use truncation='truncate' or 'drop'")
@@ -133,22 +137,8 @@ def limit_length(example: Example, ids: Any, labels: Any, image_id: int, max_seq
     if len(positions) and positions[-1] >= max_seq_len:
         raise DataError(f"{where}, and cutting it would cut an image; raise max_seq_len, use smaller or fewer "
                         "images, or truncation='drop'")
-    counts["truncated"] += 1
+    tally.truncated += 1
     return ids[:max_seq_len], labels[:max_seq_len]
-
-
-def vision_summary(loaded: LoadedData, rows: dict[str, list], counts: dict[str, int], note: str, max_seq_len: int,
-                   truncation: str) -> DataSummary:
-    lengths = [len(ids) for ids in rows["input_ids"]] or [0]
-    images = sum(len(sources) for sources in rows["images"])
-    return DataSummary(
-        format=loaded.format, rows_in=len(loaded), rows_out=len(rows["input_ids"]), rows_truncated=counts["truncated"],
-        rows_dropped_too_long=counts["dropped_too_long"], rows_dropped_no_supervised_tokens=counts["dropped_no_supervised"],
-        tokens_min=min(lengths), tokens_median=int(statistics.median(lengths)), tokens_max=max(lengths),
-        tokens_total=sum(lengths), supervised_tokens_total=sum(sum(1 for x in labels if x != IGNORE_INDEX)
-                                                               for labels in rows["labels"]),
-        template_note=f"{note}; {images} images, expanded by the processor and never trained on",
-        max_seq_len=max_seq_len, truncation=truncation)
 
 
 class VisionCollator:

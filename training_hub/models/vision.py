@@ -80,7 +80,8 @@ def vision_problems(config, vision: bool) -> list[str]:
                         "+ PEFT (AutoModelForImageTextToText); its Unsloth route (FastVisionModel and Unsloth's "
                         "vision collator) is not built yet, and Unsloth's CPU backend has no vision models. Use "
                         "backend='peft' or 'auto'")
-    return problems + ([cache_problem(config.data_output_dir)] if cache_problem(config.data_output_dir) else [])
+    cache = cache_problem(config.data_output_dir)
+    return problems + ([cache] if cache else [])
 
 
 def cache_problem(data_output_dir: str | None) -> str | None:
