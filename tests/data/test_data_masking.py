@@ -84,6 +84,16 @@ def test_train_on_inputs_supervises_every_token(tokenizer_factory, template):
     assert row["labels"] == row["input_ids"]
 
 
+def test_weight_zero_on_a_user_turn_is_refused_where_train_on_inputs_would_train_it(tokenizer_factory):
+    tokenizer = tokenizer_factory("chatml")
+    chat = [{"role": "user", "content": "Greet Alice.", "weight": 0}, {"role": "assistant", "content": "Hello, Alice!"}]
+    plain = tokenize(tokenizer, chat).dataset[0]  # not trained anyway: nothing to refuse
+    assert tokenizer.decode([t for t, label in zip(plain["input_ids"], plain["labels"]) if label != -100]) == (
+        "Hello, Alice!<|im_end|>")
+    with pytest.raises(DataError, match=r"row 0: messages\[0\].weight is 0 on a user turn, but train_on_inputs=True"):
+        tokenize(tokenizer, chat, train_on_inputs=True)
+
+
 def test_fallback_template_without_chat_template(tokenizer_factory):
     tokenizer = tokenizer_factory(None)
     result = tokenize(tokenizer)

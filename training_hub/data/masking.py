@@ -122,9 +122,15 @@ class Rendered:
 
 def needs_spans(messages: list[Message], train_on_inputs: bool, train_on_reasoning: bool) -> bool:
     """Whether the answers' spans must be found: always, unless ``train_on_inputs`` trains every character and
-    nothing is excluded (a weight-0 answer, or reasoning with ``train_on_reasoning=False``)."""
+    nothing is excluded (a weight-0 answer, or reasoning with ``train_on_reasoning=False``). A weight-0 turn
+    other than an answer is refused with ``train_on_inputs``, which trains it all the same."""
     if not train_on_inputs:
         return True
+    for k, message in enumerate(messages):
+        if message.get("weight") == 0 and message["role"] != "assistant":
+            raise DataError(f"messages[{k}].weight is 0 on a {message['role']} turn, but train_on_inputs=True trains "
+                            "every token of the conversation; remove that weight, or pass train_on_inputs=False "
+                            "(only assistant turns are trained, and weight 0 excludes an answer)")
     return any(m.get("weight") == 0 or (m.get("reasoning_content") and not train_on_reasoning) for m in messages)
 
 

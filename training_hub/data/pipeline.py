@@ -207,7 +207,8 @@ def render_chunk(examples: list[Example], settings: Settings) -> Chunk:
             chunk.rendered.append(example_text(example, settings))
             chunk.slots.append(i)
         else:
-            spans = needs_spans(example.messages, settings.train_on_inputs, settings.train_on_reasoning)
+            spans = naming_the_row(example, needs_spans, example.messages, settings.train_on_inputs,
+                                   settings.train_on_reasoning)
             new = render_jobs(example.messages, example.tools, spans)
             chats.append((i, spans, slice(len(jobs), len(jobs) + len(new))))
             jobs += new
@@ -261,7 +262,7 @@ def example_text(example: Example, settings: Settings) -> Rendered:
                           settings.train_on_inputs, settings.train_on_reasoning)
 
 
-def naming_the_row(example: Example, make: Any, *args: Any) -> Rendered:
+def naming_the_row(example: Example, make: Any, *args: Any) -> Any:
     """``make(*args)``, with a DataError or a template's own error prefixed by the example's origin."""
     from jinja2 import TemplateError
 

@@ -140,7 +140,7 @@ def add_optional_fields(message: Message, turn: dict, where: str) -> None:
         if weight == 1 and role != "assistant":
             raise RowProblem(f"{where}.weight is 1 on a {role} turn; only assistant turns are trained on (pass "
                              "train_on_inputs=True to train on every token)")
-        if weight == 0 and role == "assistant":
+        if weight == 0:  # on other turns it only matters with train_on_inputs=True (refused there: masking.py)
             message["weight"] = 0
 
 
