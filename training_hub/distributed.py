@@ -349,8 +349,10 @@ def pickle_callbacks(callbacks: list[Any]) -> bytes:
 
 def write_worker_spec(config, folder: Path) -> Path:
     """run.json (the settings as JSON, in-memory data written beside it) and the pickled callbacks."""
+    from .config import DATA_PATH_FIELDS
+
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "callbacks"}
-    for name in ("data_path", "eval_data_path"):
+    for name in DATA_PATH_FIELDS:
         value = settings[name]
         if _in_memory(value):
             settings[name] = str(write_rows(value, folder / f"{name}.jsonl", name))
